@@ -1,0 +1,92 @@
+"""Sampling state of one patch: which step and branch the UNet is in, and the cached maps.
+
+Steps are recognised from the UNet's calls alone, so any diffusers sampling loop works:
+
+* a call with a new (lower) timestep starts the next step;
+* further calls at the same timestep are further branches (separate conditional / unconditional
+  calls), each with maps of its own; batched CFG is one call and so one branch;
+* a new generation, with all maps dropped, starts on the first call, when the timestep rises (the
+  sampler restarted), when the sample's shape changes (batch or resolution), and on :meth:`reset`
+  (which a patched pipeline calls around every generation).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import CachedMap
+
+from .schedule import Action, actions, to_string
+
+
+def _timestep_value(timestep) -> float:
+    if not torch.is_tensor(timestep):
+        return float(timestep)
+    if timestep.numel() == 1:
+        return float(timestep.reshape(()).item())
+    lo, hi = torch.aminmax(timestep.detach().flatten().float())
+    lo, hi = torch.stack([lo, hi]).tolist()  # one device sync
+    if lo != hi:
+        raise ValueError(
+            f"attnreuse: the UNet was called with different timesteps in one batch ({lo} .. {hi}); "
+            "a reuse schedule needs one timestep per call: call the UNet once per timestep")
+    return lo
+
+
+class ReuseState:
+    def __init__(self, schedule: tuple[int, ...]):
+        self.schedule = schedule
+        self.actions = actions(schedule)
+        self.maps: dict[tuple[str, int], CachedMap] = {}
+        self.peak_cache_bytes = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current generation and drop every cached map."""
+        self.maps.clear()
+        self.step = -1  # -1: no generation running
+        self.branch = 0
+        self._timestep: float | None = None
+        self._shape: tuple[int, ...] | None = None
+
+    @property
+    def action(self) -> Action:
+        return self.actions[self.step]
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(m.nbytes for m in self.maps.values())
+
+    def begin_call(self, timestep, sample_shape: tuple[int, ...]) -> None:
+        """Advance the step/branch counters for one UNet call."""
+        t = _timestep_value(timestep)
+        if self._timestep is None or t > self._timestep or sample_shape != self._shape:
+            self.reset()
+            self.step = 0
+        elif t == self._timestep:
+            self.branch += 1
+        else:
+            if self.step + 1 >= len(self.schedule):
+                raise ValueError(
+                    f"attnreuse: sampling reached step {self.step + 2} but the schedule has "
+                    f"{len(self.schedule)} steps ({to_string(self.schedule)}); pass a schedule with one "
+                    "entry per sampling step (e.g. attnreuse.hurry(num_inference_steps, reuse))")
+            self.step += 1
+            self.branch = 0
+            if self.action is not Action.REUSE:
+                self.maps.clear()  # never read again: free them before this step allocates
+        self._timestep = t
+        self._shape = sample_shape
+
+    def store(self, layer: str, cmap: CachedMap) -> None:
+        self.maps[(layer, self.branch)] = cmap
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+
+    def lookup(self, layer: str) -> CachedMap:
+        cmap = self.maps.get((layer, self.branch))
+        if cmap is None:
+            raise RuntimeError(
+                f"attnreuse: step {self.step + 1} reuses, but layer {layer!r} has no map for UNet call "
+                f"{self.branch + 1} at this timestep. The sampler calls the UNet a different number of times "
+                "per timestep than at the computing step, or repeats a timestep across steps; call "
+                "handle.reset() between generations and use one timestep per sampling step")
+        return cmap

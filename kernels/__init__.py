@@ -1,0 +1,8 @@
+"""Attention-map reuse kernels: cached-map × V and capture (attention that also stores its map).
+
+Triton kernels for CUDA, PyTorch references for everything else, one storage format (:class:`CachedMap`).
+"""
+from .ops import BACKENDS, backend_available, cached_pv, capture
+from .storage import FP8, CachedMap, storage_nbytes
+
+__all__ = ["BACKENDS", "CachedMap", "FP8", "backend_available", "cached_pv", "capture", "storage_nbytes"]
