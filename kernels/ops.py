@@ -7,20 +7,25 @@ from __future__ import annotations
 import torch
 
 from .reference import cached_pv_reference, capture_reference
-from .storage import CachedMap
+from .storage import FP8, CachedMap
 
 BACKENDS = ("auto", "triton", "torch")
 
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, FP8)
+
+
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether to run the Triton kernels; ``"triton"`` on tensors they cannot take is an error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: pass one of {BACKENDS}")
     if backend == "torch":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "triton" and not on_cuda:
-        raise ValueError("backend='triton' needs CUDA tensors; use backend='torch' (or 'auto') on the CPU")
-    return on_cuda and backend_available()
+    usable = all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in tensors)
+    if backend == "triton" and not usable:
+        raise ValueError("backend='triton' needs CUDA tensors in fp16, bf16 or fp32 (maps also fp8); got "
+                         f"{sorted({f'{t.device.type} {t.dtype}' for t in tensors})}: use backend='auto' or 'torch'")
+    return usable and backend_available()
 
 
 def backend_available() -> bool:
@@ -38,7 +43,7 @@ def capture(q, k, v, heads: int, scale: float, map_dtype: torch.dtype, mask=None
     ``q``: ``[B, Nq, H·D]``; ``k``, ``v``: ``[B, Nk, H·D]``. Returns ``(out [B, Nq, H·D], CachedMap)``.
     A ``mask`` always takes the reference path (diffusers UNets pass none to self/cross-attention).
     """
-    if mask is None and _use_triton(backend, q, k, v):
+    if mask is None and map_dtype in _TRITON_DTYPES and _use_triton(backend, q, k, v):
         from .triton_ops import capture_triton
         return capture_triton(q, k, v, heads, scale, map_dtype)
     return capture_reference(q, k, v, heads, scale, map_dtype, mask)

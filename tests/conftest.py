@@ -48,8 +48,8 @@ def unet_kwargs(unet, batch: int, context: torch.Tensor) -> dict:
     if unet.config.addition_embed_type == "text_time":  # the same pooled embedding and size ids for every row
         g = torch.Generator().manual_seed(7)
         kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, CROSS_DIM, generator=g).to(unet.dtype).expand(batch, -1),
-            "time_ids": torch.randn(1, 6, generator=g).to(unet.dtype).expand(batch, -1)}
+            "text_embeds": torch.randn(1, CROSS_DIM, generator=g).to(context.device, unet.dtype).expand(batch, -1),
+            "time_ids": torch.randn(1, 6, generator=g).to(context.device, unet.dtype).expand(batch, -1)}
     return kwargs
 
 
@@ -61,14 +61,14 @@ def contexts(batch: int = 1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def sample(unet, scheduler_cls=DDIMScheduler, steps: int = 20, cfg: str = "batched", seed: int = 0,
-           batch: int = 1, guidance: float = 4.0, size: int | None = None) -> torch.Tensor:
+           batch: int = 1, guidance: float = 4.0, size: int | None = None, device="cpu") -> torch.Tensor:
     """A diffusers-style sampling loop. ``cfg``: "batched" (one doubled call), "separate" (two calls), "none"."""
     scheduler = scheduler_cls(num_train_timesteps=1000)
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=device)
     size = size or unet.config.sample_size
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, 4, size, size, generator=g).to(unet.dtype) * scheduler.init_noise_sigma
-    cond, uncond = contexts(batch)
+    latents = torch.randn(batch, 4, size, size, generator=g).to(device, unet.dtype) * scheduler.init_noise_sigma
+    cond, uncond = (c.to(device) for c in contexts(batch))
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         if cfg == "batched":

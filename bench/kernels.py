@@ -1,0 +1,112 @@
+"""Kernel table on a GPU: ``python bench/kernels.py [--json out.json] [--shapes sd15_64x64_self ...]``.
+
+Per shape (the anchor shapes of SD1.5/SDXL attention): SDPA, ``torch.bmm`` over a cached fp16 map,
+``cached_pv`` with fp16 and fp8 maps, the capture kernel (fp16 and fp8 maps), each with its error
+against float64 math and its bytes/s as a fraction of a device-to-device copy measured in the same run.
+The limit of a reuse is ``t_lim = map bytes / copy bandwidth`` (copy bandwidth counts bytes read + written).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import FP8, CachedMap  # noqa: E402
+from kernels.reference import merge_heads, split_heads  # noqa: E402
+from kernels.triton_ops import cached_pv_triton, capture_triton  # noqa: E402
+
+SHAPES = {  # (batch, heads, q tokens, kv tokens, head dim)
+    "sd15_64x64_self": (2, 8, 4096, 4096, 40),
+    "sd15_32x32_self": (2, 8, 1024, 1024, 80),
+    "sd15_64x64_cross": (2, 8, 4096, 77, 40),
+    "sdxl_64x64_self": (2, 10, 4096, 4096, 64),
+    "sdxl_32x32_self": (2, 20, 1024, 1024, 64),
+    "sd15_1024px_self": (2, 8, 16384, 16384, 40),
+}
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def rel_err(got, ref) -> float:
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+def error_rows(q, k, v, h, scale, rows: int = 256):
+    """float64 reference for the first ``rows`` query rows (keeps the 1024px check cheap)."""
+    qh = split_heads(q[:, :rows].double(), h)
+    p = (qh @ split_heads(k.double(), h).transpose(-1, -2) * scale).softmax(-1)
+    return p, merge_heads(p @ split_heads(v.double(), h))
+
+
+def run_shape(name, shape, bw):
+    b, h, nq, nk, d = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, n, h * d, device="cuda", generator=g, dtype=torch.float16) for n in (nq, nk, nk))
+    scale = d ** -0.5
+    r = {"shape": shape}
+    qh, kh, vh = (split_heads(x, h) for x in (q, k, v))  # the views diffusers passes to SDPA
+    r["sdpa_ms"] = bench_ms(lambda: F.scaled_dot_product_attention(qh, kh, vh))
+    p_ref, o_ref = error_rows(q, k, v, h, scale)
+    rows = p_ref.shape[2]
+    for tag, dtype in (("16", torch.float16), ("8", FP8)):
+        out, cmap = capture_triton(q, k, v, h, scale, dtype)
+        r[f"capture{tag}_ms"] = bench_ms(lambda: capture_triton(q, k, v, h, scale, dtype))
+        r[f"capture{tag}_err"] = rel_err(out[:, :rows], o_ref)
+        r[f"map{tag}_err"] = rel_err(cmap.dequantize(torch.float64)[:, :, :rows], p_ref)
+        pv = cached_pv_triton(cmap, v, h)
+        r[f"pv{tag}_err"] = rel_err(pv[:, :rows], o_ref)
+        r[f"pv{tag}_ms"] = bench_ms(lambda: cached_pv_triton(cmap, v, h))
+        moved = cmap.nbytes + v.nbytes + pv.nbytes
+        r[f"pv{tag}_frac_copy"] = moved / (r[f"pv{tag}_ms"] * 1e-3) / bw
+        r[f"pv{tag}_over_tlim"] = r[f"pv{tag}_ms"] / (cmap.nbytes / bw * 1e3)
+        if tag == "16":
+            probs = cmap.data.view(b * h, nq, nk)
+            vb = vh.reshape(b * h, nk, d)
+            r["bmm16_ms"] = bench_ms(lambda: torch.bmm(probs, vb))
+        del cmap, out, pv
+        torch.cuda.empty_cache()
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--json", help="write all numbers here")
+    args = ap.parse_args(argv)
+    card = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    results = {"card": card, "copy_TBps": bw / 1e12, "torch": torch.__version__, "shapes": {}}
+    for name in args.shapes:
+        results["shapes"][name] = run_shape(name, SHAPES[name], bw)
+        print(name, json.dumps(results["shapes"][name]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"\n{card}: copy {bw / 1e12:.2f} TB/s. ms (error vs float64); pv: fraction of copy bandwidth, time/t_lim")
+    print(f"{'shape':18} {'sdpa':>7} {'bmm16':>7} {'pv16':>18} {'pv8':>18} {'cap16':>7} {'cap8':>7} "
+          f"{'err16':>8} {'err8':>8} {'cap8/sdpa':>9}")
+    for name, r in results["shapes"].items():
+        print(f"{name:18} {r['sdpa_ms']:7.3f} {r['bmm16_ms']:7.3f} "
+              f"{r['pv16_ms']:7.3f} {r['pv16_frac_copy']:4.0%} {r['pv16_over_tlim']:4.2f}x "
+              f"{r['pv8_ms']:7.3f} {r['pv8_frac_copy']:4.0%} {r['pv8_over_tlim']:4.2f}x "
+              f"{r['capture16_ms']:7.3f} {r['capture8_ms']:7.3f} {r['pv16_err']:8.1e} {r['pv8_err']:8.1e} "
+              f"{r['capture8_ms'] / r['sdpa_ms']:9.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""attnreuse's CUDA path (Triton kernels) against its CPU path (PyTorch reference). Needs a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_unet, sample
+
+import attnreuse
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp16", "fp8"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_triton_path_matches_torch_path(arch, cache_dtype):
+    unet = make_unet(arch, sample_size=16).to("cuda", torch.float16)
+    outs = {}
+    for backend in ("torch", "triton"):
+        with attnreuse.patch(unet, attnreuse.hurry(10, 5), cache_dtype=cache_dtype, backend=backend):
+            outs[backend] = sample(unet, steps=10, size=16, device="cuda").float()
+    rel = ((outs["triton"] - outs["torch"]).norm() / outs["torch"].norm()).item()
+    assert rel < (2e-2 if cache_dtype == "fp8" else 5e-3), rel
+
+
+def test_all_compute_is_bit_identical_on_gpu():
+    unet = make_unet("sd15", sample_size=16).to("cuda", torch.float16)
+    ref = sample(unet, steps=6, size=16, device="cuda")
+    with attnreuse.patch(unet, "111111", cache_dtype="fp8"):
+        assert torch.equal(sample(unet, steps=6, size=16, device="cuda"), ref)
