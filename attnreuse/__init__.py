@@ -5,8 +5,9 @@
     attnreuse.unpatch(pipe)
 """
 from .config import ReuseConfig
-from .patch import ReuseHandle, patch, unpatch
+from .patching import ReuseHandle, patch, unpatch
+from .phast import PhastResult, phast, psnr
 from .schedule import as_schedule, hurry
 
-__all__ = ["ReuseConfig", "ReuseHandle", "as_schedule", "hurry", "patch", "unpatch"]
+__all__ = ["PhastResult", "ReuseConfig", "ReuseHandle", "as_schedule", "hurry", "patch", "phast", "psnr", "unpatch"]
 __version__ = "0.1.0"

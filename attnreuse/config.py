@@ -12,6 +12,7 @@ from .schedule import as_schedule
 
 LayerSelector = Union[str, Callable[[str], bool]]
 LAYER_CHOICES = ("all", "self", "cross")
+TARGETS = ("map", "output")
 
 _DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -21,15 +22,15 @@ _DTYPE_NAMES = {
 }
 
 
-def as_cache_dtype(value) -> torch.dtype | None:
-    """``None`` (the model's dtype), a torch dtype, or a name such as ``"fp16"`` / ``"fp8"``."""
-    if value is None:
-        return None
+def as_cache_dtype(value) -> torch.dtype | str | None:
+    """``None`` (the model's dtype), ``"auto"``, a torch dtype, or a name such as ``"fp16"`` / ``"fp8"``."""
+    if value is None or value == "auto":
+        return value
     dtype = _DTYPE_NAMES.get(value.lower()) if isinstance(value, str) else value
     if dtype not in _DTYPE_NAMES.values():
         raise ValueError(
-            f"cache_dtype={value!r} is not supported: pass None (the model's dtype), 'fp32', 'fp16', 'bf16' "
-            "or 'fp8' (e4m3 with a per-row scale)")
+            f"cache_dtype={value!r} is not supported: pass None (the model's dtype), 'fp32', 'fp16', 'bf16', "
+            "'fp8' (e4m3 with a per-row scale) or 'auto'")
     return dtype
 
 
@@ -44,15 +45,23 @@ class ReuseConfig:
             (``attn2``), or a predicate on the layer's module name, e.g.
             ``lambda name: name.startswith("up_blocks")``. Other layers always compute.
         cache_dtype: storage of cached maps: ``None`` = the model's dtype, or ``"fp32"``, ``"fp16"``,
-            ``"bf16"``, ``"fp8"`` (e4m3 with a per-row scale: half the bytes of fp16).
+            ``"bf16"``, ``"fp8"`` (e4m3 with a per-row scale: half the bytes of fp16), or ``"auto"``: per
+            layer, whichever of the model's dtype and fp8 saves more time on this device.
+        max_cache_bytes: a memory budget for cached maps. With it (or ``cache_dtype="auto"``), a plan
+            measured on this device decides per layer whether reuse pays and fits (``handle.plan``); maps
+            that would overflow the budget are not stored (those layers compute instead).
     Knobs:
         backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"torch"``.
+        target: what is reused: ``"map"`` (this method) or ``"output"``, the layer's whole attention output
+            (the strategy of T-GATE and diffusers' PAB; kept as a baseline: it ignores the current values).
     """
 
     schedule: tuple[int, ...]
     layers: LayerSelector = "all"
-    cache_dtype: torch.dtype | None = None
+    cache_dtype: torch.dtype | str | None = None
+    max_cache_bytes: float | None = None
     backend: str = "auto"
+    target: str = "map"
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", as_schedule(self.schedule))
@@ -62,6 +71,17 @@ class ReuseConfig:
                 f"layers={self.layers!r}: pass one of {LAYER_CHOICES} or a predicate on the layer name")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: pass one of {BACKENDS}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target={self.target!r}: pass one of {TARGETS}")
+        if self.max_cache_bytes is not None and not self.max_cache_bytes >= 0:
+            raise ValueError(f"max_cache_bytes={self.max_cache_bytes!r}: pass a number of bytes >= 0, or None")
+        if self.planned and self.target != "map":
+            raise ValueError("max_cache_bytes and cache_dtype='auto' plan map reuse: use them with target='map'")
+
+    @property
+    def planned(self) -> bool:
+        """Whether a per-layer plan decides which layers reuse."""
+        return self.max_cache_bytes is not None or self.cache_dtype == "auto"
 
     def selects(self, name: str, is_cross_attention: bool) -> bool:
         """Whether the attention layer called ``name`` takes part in reuse."""

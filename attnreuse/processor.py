@@ -7,6 +7,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 import kernels
 from kernels.reference import merge_heads, split_heads
 
+from .config import ReuseConfig
 from .schedule import Action
 from .state import ReuseState
 
@@ -33,18 +34,30 @@ class ReuseAttnProcessor:
     runs ``to_q``, ``to_k``, ``Q Kᵀ`` or the softmax.
     """
 
-    def __init__(self, name: str, original, state: ReuseState, cache_dtype: torch.dtype | None, backend: str):
+    def __init__(self, name: str, original, state: ReuseState, config: ReuseConfig):
         self.name = name
         self.original = original
         self.state = state
-        self.cache_dtype = cache_dtype
-        self.backend = backend
+        self.cache_dtype = config.cache_dtype
+        self.backend = config.backend
+        self.reuse_output = config.target == "output"
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
         state = self.state
-        if state.step < 0 or state.action is Action.COMPUTE:
+        action = state.action if state.step >= 0 and state.reuses(self.name) else Action.COMPUTE
+        cached = state.lookup(self.name) if action is Action.REUSE else None
+        if action is Action.COMPUTE or (action is Action.REUSE and cached is None):  # None: over the budget
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if self.reuse_output:
+            if action is Action.CAPTURE:
+                out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+                state.store(self.name, out)
+                return out
+            if cached.shape != hidden_states.shape:
+                raise RuntimeError(f"attnreuse: {self.name}: cached output {tuple(cached.shape)} does not fit "
+                                   f"input {tuple(hidden_states.shape)}; call handle.reset()")
+            return cached
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -61,12 +74,11 @@ class ReuseAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        if state.action is Action.REUSE:
-            cmap = state.lookup(self.name)
-            if cmap.shape[2] != hidden_states.shape[1]:
-                raise RuntimeError(f"attnreuse: {self.name}: cached map is for {cmap.shape[2]} query tokens, "
+        if action is Action.REUSE:
+            if cached.shape[2] != hidden_states.shape[1]:
+                raise RuntimeError(f"attnreuse: {self.name}: cached map is for {cached.shape[2]} query tokens, "
                                    f"the layer got {hidden_states.shape[1]}; call handle.reset()")
-            hidden_states = kernels.cached_pv(cmap, value, attn.heads, backend=self.backend)
+            hidden_states = kernels.cached_pv(cached, value, attn.heads, backend=self.backend)
         else:  # Action.CAPTURE
             query = attn.to_q(hidden_states)
             key = attn.to_k(encoder_hidden_states)
@@ -76,9 +88,9 @@ class ReuseAttnProcessor:
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[1], key.shape[0])
                 mask = mask.view(key.shape[0], attn.heads, -1, mask.shape[-1])
-            hidden_states, cmap = kernels.capture(
-                query, key, value, attn.heads, attn.scale, self.cache_dtype or value.dtype, mask,
-                backend=self.backend)
+            dtype = state.layer_dtypes[self.name] if state.layer_dtypes is not None else self.cache_dtype
+            hidden_states, cmap = kernels.capture(query, key, value, attn.heads, attn.scale, dtype or value.dtype,
+                                                  mask, backend=self.backend)
             state.store(self.name, cmap)
 
         hidden_states = attn.to_out[0](hidden_states)

@@ -11,6 +11,8 @@ Steps are recognised from the UNet's calls alone, so any diffusers sampling loop
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from kernels import CachedMap
@@ -33,20 +35,35 @@ def _timestep_value(timestep) -> float:
 
 
 class ReuseState:
-    def __init__(self, schedule: tuple[int, ...]):
+    def __init__(self, schedule: tuple[int, ...], max_cache_bytes: float | None = None):
         self.schedule = schedule
         self.actions = actions(schedule)
-        self.maps: dict[tuple[str, int], CachedMap] = {}
+        self.max_cache_bytes = max_cache_bytes
+        self.maps: dict[tuple[str, int], CachedMap | torch.Tensor] = {}  # outputs for target='output'
+        self.declined: set[tuple[str, int]] = set()  # maps the budget had no room for
+        self.layer_dtypes: dict[str, torch.dtype | None] | None = None  # a plan's choice; None: no plan
         self.peak_cache_bytes = 0
+        self.pinned = False
         self.reset()
 
     def reset(self) -> None:
         """Forget the current generation and drop every cached map."""
         self.maps.clear()
+        self.declined.clear()
         self.step = -1  # -1: no generation running
         self.branch = 0
+        self.pinned = False
         self._timestep: float | None = None
         self._shape: tuple[int, ...] | None = None
+
+    def pin(self, step: int) -> None:
+        """Hold the state at ``step``, branch 0, whatever the UNet is called with (benchmarks, CUDA graphs)."""
+        if not 0 <= step < len(self.schedule):
+            raise ValueError(f"step {step} is outside the schedule's {len(self.schedule)} steps")
+        self.step, self.branch, self.pinned = step, 0, True
+
+    def reuses(self, layer: str) -> bool:
+        return self.layer_dtypes is None or self.layer_dtypes.get(layer) is not None
 
     @property
     def action(self) -> Action:
@@ -58,6 +75,8 @@ class ReuseState:
 
     def begin_call(self, timestep, sample_shape: tuple[int, ...]) -> None:
         """Advance the step/branch counters for one UNet call."""
+        if self.pinned:
+            return
         t = _timestep_value(timestep)
         if self._timestep is None or t > self._timestep or sample_shape != self._shape:
             self.reset()
@@ -77,13 +96,22 @@ class ReuseState:
         self._timestep = t
         self._shape = sample_shape
 
-    def store(self, layer: str, cmap: CachedMap) -> None:
-        self.maps[(layer, self.branch)] = cmap
+    def store(self, layer: str, cmap: CachedMap | torch.Tensor) -> None:
+        key = (layer, self.branch)
+        self.maps.pop(key, None)
+        if self.max_cache_bytes is not None and self.cache_bytes + cmap.nbytes > self.max_cache_bytes:
+            self.declined.add(key)
+            warnings.warn(f"attnreuse: max_cache_bytes={self.max_cache_bytes:.4g} leaves no room for the map of "
+                          f"{layer} (UNet call {self.branch + 1} of its step): that layer computes instead",
+                          stacklevel=2)
+            return
+        self.maps[key] = cmap
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
 
-    def lookup(self, layer: str) -> CachedMap:
+    def lookup(self, layer: str) -> CachedMap | torch.Tensor | None:
+        """The cached map (or output) of ``layer`` for this branch; None if the budget declined it."""
         cmap = self.maps.get((layer, self.branch))
-        if cmap is None:
+        if cmap is None and (layer, self.branch) not in self.declined:
             raise RuntimeError(
                 f"attnreuse: step {self.step + 1} reuses, but layer {layer!r} has no map for UNet call "
                 f"{self.branch + 1} at this timestep. The sampler calls the UNet a different number of times "

@@ -1,4 +1,5 @@
 """The embedded default model (class-conditional digits) and its pipeline."""
-from .model import DigitsPipeline, load_default, make_scheduler
+from .model import CALIBRATION, HELD_OUT, DigitsPipeline, generate, load_default, make_scheduler, searched_schedules
 
-__all__ = ["DigitsPipeline", "load_default", "make_scheduler"]
+__all__ = ["CALIBRATION", "HELD_OUT", "DigitsPipeline", "generate", "load_default", "make_scheduler",
+           "searched_schedules"]

@@ -27,6 +27,10 @@ UNET_CONFIG = dict(
 )
 CLASS_TOKENS = 4  # tokens per class
 
+# (class, seed) pairs: schedules are searched on CALIBRATION and judged on HELD_OUT, never the same seeds.
+CALIBRATION = [(c, s) for c in range(10) for s in (0, 1)]
+HELD_OUT = [(c, 1000 + s) for c in range(10) for s in range(5)]
+
 
 class ClassTokens(torch.nn.Module):
     """A learned ``[CLASS_TOKENS, cross_attention_dim]`` sequence per class; class 10 is the null class."""
@@ -102,7 +106,13 @@ def load_default(scheduler: str = "ddim", device="cpu", dtype=torch.float32) -> 
     return pipe.to(device, dtype)
 
 
-def metadata() -> dict:
-    """Training metadata stored beside the weights (data, steps, time, seed)."""
-    path = HERE / "digits.json"
+def generate(pipe: DigitsPipeline, pairs, steps: int = 20) -> torch.Tensor:
+    """Sample every (class, seed) pair in one batch."""
+    return pipe([c for c, _ in pairs], [s for _, s in pairs], num_inference_steps=steps)
+
+
+def searched_schedules() -> dict:
+    """PHAST schedules searched for this model (``python -m attnreuse.embedded.search``), by
+    ``"<scheduler>-<steps>-<reuse>"``."""
+    path = HERE / "phast.json"
     return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,46 @@
+"""Search PHAST schedules for the embedded model: ``python -m attnreuse.embedded.search``.
+
+For each scheduler and reuse count, runs :func:`attnreuse.phast` on the calibration pairs and writes the
+schedules with their search traces to ``phast.json`` beside this file (the demo and the quality
+benchmark read it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+
+import attnreuse
+
+from .model import CALIBRATION, HERE, generate, load_default
+
+
+def search(schedulers=("ddim", "dpm"), reuses=(5, 10, 15), steps: int = 20, epsilon: float = 0.01,
+           pairs=CALIBRATION, max_rounds=None) -> dict:
+    found = {}
+    for name in schedulers:
+        pipe = load_default(name)
+        for r in reuses:
+            t0 = time.time()
+            res = attnreuse.phast(pipe, lambda: generate(pipe, pairs, steps), steps, r, epsilon=epsilon,
+                                  max_rounds=max_rounds)
+            entry = {"schedule": "".join(map(str, res.schedule)), "utility_db": res.utility,
+                     "hurry_db": res.start_utility, "samplings": res.samplings, "seconds": round(time.time() - t0),
+                     "trace": [asdict(t) for t in res.trace], "calibration_pairs": len(pairs)}
+            found[f"{name}-{steps}-{r}"] = entry
+            print(f"{name} r={r}: {entry['schedule']} {res.start_utility:.2f} -> {res.utility:.2f} dB, "
+                  f"{res.samplings} samplings, {entry['seconds']} s", flush=True)
+    return found
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m attnreuse.embedded.search", description=__doc__)
+    p.add_argument("--epsilon", type=float, default=0.01)
+    args = p.parse_args(argv)
+    found = search(epsilon=args.epsilon)
+    (HERE / "phast.json").write_text(json.dumps(found, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

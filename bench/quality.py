@@ -1,0 +1,160 @@
+"""Quality of reuse schedules on the embedded model: ``python bench/quality.py --out out/quality``.
+
+On held-out (class, seed) pairs (never the calibration pairs PHAST searched on), for DDIM and DPM-Solver++
+at N steps and each reuse count r: PSNR and SSIM against the full N-step sample for HURRY, PHAST, early
+reuse, random schedules, fp8 instead of model-dtype maps, attention-output reuse (the T-GATE / PAB
+strategy) and step reduction at equal cost. A reuse step costs ρ of a computing step, so a schedule costs
+``#compute + ρ·#reuse`` steps; step reduction runs the most steps that cost no more. Writes ``quality.md``,
+``quality.csv`` and ``quality.png`` (PSNR against relative latency) into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attnreuse  # noqa: E402
+from attnreuse.embedded import CALIBRATION, HELD_OUT, generate, load_default, searched_schedules  # noqa: E402
+from attnreuse.schedule import to_string  # noqa: E402
+
+# ρ, the cost of a reuse step relative to a computing step: the paper's (SD1.5, materialised attention),
+# and the best any attention reuse reaches on an H200 with SDPA (SD1.5 512², attention removed entirely,
+# CUDA graphs: 10.68 / 11.86 ms, ../shared/anchors/h200-unet-ceiling-2026-11.json).
+RHOS = {"paper": 0.31, "h200_ceiling": 0.90}
+
+
+def ssim(images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
+    from skimage.metrics import structural_similarity
+    return np.array([structural_similarity(a[0].numpy(), b[0].numpy(), data_range=1.0, win_size=7)
+                     for a, b in zip(images.double(), reference.double())])
+
+
+def early(steps: int, r: int) -> tuple[int, ...]:
+    return (1,) + (0,) * r + (1,) * (steps - 1 - r)
+
+
+def random_schedule(steps: int, r: int, seed: int) -> tuple[int, ...]:
+    reuse = set(random.Random(seed).sample(range(1, steps), r))
+    return tuple(0 if i in reuse else 1 for i in range(steps))
+
+
+def evaluate(args) -> list[dict]:
+    rows = []
+    searched = searched_schedules()
+    for sched_name in args.schedulers:
+        pipe = load_default(sched_name)
+        run = lambda n=args.steps: generate(pipe, args.pairs, n)  # noqa: E731
+        reference = run()
+
+        def record(method, schedule=None, images=None, steps=args.steps, r=None, **extra):
+            if images is None:
+                with attnreuse.patch(pipe, schedule, **extra):
+                    images = run()
+            p = attnreuse.psnr(images, reference)
+            s = ssim(images, reference)
+            n_reuse = 0 if schedule is None else schedule.count(0)
+            row = {"scheduler": sched_name, "r": r, "method": method,
+                   "schedule": "" if schedule is None else to_string(schedule),
+                   "steps": steps, "compute_steps": steps - n_reuse, "reuse_steps": n_reuse,
+                   "psnr": p.mean().item(), "psnr_std": p.std().item(), "ssim": float(s.mean())}
+            for key, rho in RHOS.items():
+                row[f"latency_{key}"] = (steps - n_reuse + rho * n_reuse) / args.steps
+            rows.append(row)
+            print(f"{sched_name:5} r={r!s:>3} {method:22} {row['schedule']:>22} {row['psnr']:6.2f} dB "
+                  f"SSIM {row['ssim']:.3f}", flush=True)
+
+        for r in args.reuse:
+            hurry = attnreuse.hurry(args.steps, r)
+            record("hurry", hurry, r=r)
+            record("hurry fp8 maps", hurry, r=r, cache_dtype="fp8")
+            key = f"{sched_name}-{args.steps}-{r}"
+            if key in searched:
+                phast = attnreuse.as_schedule(searched[key]["schedule"])
+            else:  # not shipped for this size: search now, on the calibration pairs
+                phast = attnreuse.phast(pipe, lambda: generate(pipe, args.calibration, args.steps), args.steps, r,
+                                        max_rounds=args.phast_rounds).schedule
+            record("phast", phast, r=r)
+            record("phast fp8 maps", phast, r=r, cache_dtype="fp8")
+            record("early", early(args.steps, r), r=r)
+            for i in range(args.random):
+                record(f"random #{i}", random_schedule(args.steps, r, seed=i), r=r)
+            record("output reuse (hurry)", hurry, r=r, target="output")
+            for key, rho in RHOS.items():
+                n = math.floor(args.steps - r * (1 - rho))  # the most steps that cost no more
+                record(f"{n} steps (ρ {key})", images=run(n), steps=n, r=r)
+    return rows
+
+
+def write(rows: list[dict], out: Path, steps: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "quality.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"PSNR / SSIM against the full {steps}-step sample, held-out pairs. Relative latency = "
+             f"(compute + ρ·reuse) / {steps} for ρ = " + ", ".join(f"{v} ({k})" for k, v in RHOS.items()) + ".", "",
+             "| scheduler | r | method | schedule | PSNR dB | SSIM | " + " | ".join(f"latency ρ={v}" for v in
+                                                                            RHOS.values()) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(RHOS)]
+    for row in rows:
+        lat = " | ".join(f"{row[f'latency_{k}']:.2f}" for k in RHOS)
+        lines.append(f"| {row['scheduler']} | {row['r']} | {row['method']} | `{row['schedule'] or '-'}` | "
+                     f"{row['psnr']:.2f} ± {row['psnr_std']:.2f} | {row['ssim']:.3f} | {lat} |")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schedulers = sorted({r["scheduler"] for r in rows})
+    fig, axes = plt.subplots(len(schedulers), len(RHOS), figsize=(6 * len(RHOS), 4 * len(schedulers)),
+                             squeeze=False)
+    families = ["hurry", "phast", "early", "random", "output reuse", "steps"]
+    for i, sched in enumerate(schedulers):
+        for j, (key, rho) in enumerate(RHOS.items()):
+            ax = axes[i][j]
+            for fam in families:
+                pts = [(r[f"latency_{key}"], r["psnr"]) for r in rows if r["scheduler"] == sched
+                       and fam in r["method"] and "fp8" not in r["method"]
+                       and (fam != "steps" or key in r["method"])]
+                if pts:
+                    xs, ys = zip(*sorted(pts))
+                    ax.plot(xs, ys, "o" if fam == "random" else "o-", label=fam if fam != "steps" else
+                            "fewer steps")
+            ax.set(title=f"{sched}, ρ = {rho} ({key})", xlabel="relative latency", ylabel="PSNR vs full (dB)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=100)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="out/quality")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--reuse", type=int, nargs="+", default=[5, 10, 15])
+    ap.add_argument("--schedulers", nargs="+", default=["ddim", "dpm"])
+    ap.add_argument("--random", type=int, default=5, help="random schedules per r")
+    ap.add_argument("--pairs", type=int, default=len(HELD_OUT), help="held-out pairs to use")
+    ap.add_argument("--phast-rounds", type=int, default=None, help="bound a PHAST search run here")
+    ap.add_argument("--tiny", action="store_true", help="a quick end-to-end run: few pairs and schedules")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.steps, args.reuse, args.random, args.pairs, args.phast_rounds = 6, [2], 1, 3, 1
+    args.pairs = HELD_OUT[:args.pairs]
+    args.calibration = CALIBRATION[:len(args.pairs)] if args.tiny else CALIBRATION
+    with torch.no_grad():
+        rows = evaluate(args)
+    write(rows, Path(args.out), args.steps)
+    print((Path(args.out) / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

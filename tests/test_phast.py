@@ -1,0 +1,48 @@
+"""PHAST search on a small UNet."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_unet, sample
+
+import attnreuse
+from attnreuse.phast import neighbours
+
+
+def test_neighbours_keep_reuse_count_and_first_step():
+    base = attnreuse.hurry(6, 2)
+    ns = neighbours(base)
+    assert len(ns) == 2 * 3  # 2 reuse steps x 3 computing steps after the first
+    assert all(n[0] == 1 and n.count(0) == 2 and n != base for n in ns)
+    assert len(set(ns)) == len(ns)
+
+
+def test_phast_improves_or_keeps_hurry():
+    unet = make_unet("sd15")
+    def generate():
+        return torch.cat([sample(unet, steps=6, seed=s) for s in (0, 1)])
+
+    res = attnreuse.phast(unet, generate, steps=6, reuse=2, epsilon=0.0, max_rounds=2,
+                          data_range=8.0)
+    assert res.schedule[0] == 1 and res.schedule.count(0) == 2 and len(res.schedule) == 6
+    assert res.utility >= res.start_utility
+    assert res.samplings == 2 + sum(t.evaluated for t in res.trace)  # reference + HURRY + neighbours
+    assert 1 <= len(res.trace) <= 2
+    if res.trace[0].accepted:
+        assert res.utility > res.start_utility and res.schedule != attnreuse.hurry(6, 2)
+    utilities = [t.utility for t in res.trace]
+    assert utilities == sorted(utilities)
+    assert not hasattr(unet, "_attnreuse_handle")  # every candidate was unpatched
+
+
+def test_phast_rejects_bad_start():
+    with pytest.raises(ValueError, match="must have 6 steps with 2 reuse steps"):
+        attnreuse.phast(make_unet("sd15"), lambda: torch.zeros(1), 6, 2, start="111000")
+
+
+def test_psnr():
+    ref = torch.zeros(2, 1, 4, 4)
+    img = ref.clone()
+    img[0] += 0.1
+    db = attnreuse.psnr(img, ref)
+    assert db[0].item() == pytest.approx(20.0) and db[1].item() == 100.0

@@ -1,0 +1,178 @@
+"""The per-layer plan and the memory budget, with a fixed cost table."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_unet, sample
+
+import attnreuse
+import attnreuse.patching as patch_module
+from attnreuse.planner import LayerCost, LayerShape, layer_shapes, make_plan
+from kernels import FP8, storage_nbytes
+
+F16 = torch.float16
+
+
+def shape(tokens, heads=8, kv=None):
+    return LayerShape(batch=2, heads=heads, q_tokens=tokens, kv_tokens=kv or tokens, head_dim=40, q_dim=320,
+                      kv_dim=320)
+
+
+def table(costs):
+    """A cost function from ``{(q_tokens, dtype): (compute, capture, reuse)}``."""
+    return lambda s, dtype: LayerCost(*costs[(s.q_tokens, dtype)])
+
+
+SHAPES = {"big": shape(4096), "mid": shape(1024), "small": shape(256)}
+COSTS = table({
+    (4096, F16): (0.20, 0.30, 0.16), (4096, FP8): (0.20, 0.28, 0.08),  # fp8 saves more
+    (1024, F16): (0.03, 0.04, 0.02), (1024, FP8): (0.03, 0.04, 0.025),  # fp16 saves more
+    (256, F16): (0.01, 0.02, 0.012), (256, FP8): (0.01, 0.02, 0.011),  # never pays
+})
+
+
+def nbytes(name, dtype):
+    s = SHAPES[name]
+    return storage_nbytes(s.batch, s.heads, s.q_tokens, s.kv_tokens, dtype)
+
+
+def test_plan_picks_dtype_and_skips_layers_that_do_not_pay():
+    plan = {p.name: p for p in make_plan(SHAPES, COSTS, (F16, FP8), n_reuse=10, n_capture=1)}
+    assert plan["big"].reuse and plan["big"].dtype == FP8 and plan["big"].bytes == nbytes("big", FP8)
+    assert plan["mid"].reuse and plan["mid"].dtype == F16
+    assert not plan["small"].reuse and "not faster" in plan["small"].reason
+    assert plan["big"].saving_ms == pytest.approx(10 * (0.20 - 0.08) - (0.28 - 0.20))
+
+
+@pytest.mark.parametrize("budget", [0, 1e6, nbytes("mid", F16), nbytes("big", FP8), 1e12])
+def test_plan_never_exceeds_the_budget(budget):
+    with pytest.warns(UserWarning, match="plain attention") if budget < nbytes("mid", F16) else _no_warning():
+        plan = make_plan(SHAPES, COSTS, (F16, FP8), n_reuse=10, n_capture=1, max_bytes=budget)
+    assert sum(p.bytes for p in plan) <= budget
+    chosen = {p.name for p in plan if p.reuse}
+    expect = {0: set(), 1e6: set(), nbytes("mid", F16): {"mid"}, nbytes("big", FP8): {"big"}, 1e12: {"big", "mid"}}
+    assert chosen == expect[budget]
+
+
+def test_plan_prefers_time_saved_per_byte():
+    free = {p.name: p for p in make_plan(SHAPES, COSTS, (F16, FP8), 10, 1)}
+    assert free["big"].saving_ms / free["big"].bytes > free["mid"].saving_ms / free["mid"].bytes
+    budget = nbytes("big", FP8) + nbytes("mid", F16) - 1  # room for either, not both
+    plan = {p.name: p for p in make_plan(SHAPES, COSTS, (F16, FP8), 10, 1, max_bytes=budget)}
+    assert plan["big"].reuse and not plan["mid"].reuse
+    assert plan["mid"].reason == "over the memory budget"
+
+
+def test_single_dtype_is_respected():
+    plan = make_plan(SHAPES, COSTS, (F16,), 10, 1)
+    assert {p.dtype for p in plan if p.reuse} == {F16}
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+
+
+def test_layer_shapes_follow_the_unet(arch):
+    unet = make_unet(arch)
+    layers = {n: m for n, m in unet.named_modules() if type(m).__name__ == "Attention"}
+    shapes = layer_shapes(unet, layers, (2, 4, 8, 8), context_tokens=7)
+    seen = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, kwargs, n=n: seen.__setitem__(n, (args[0].shape, (kwargs.get("encoder_hidden_states")
+                                                                           if kwargs.get("encoder_hidden_states")
+                                                                           is not None else args[0]).shape)),
+        with_kwargs=True) for n, m in layers.items()]
+    sample(unet, steps=1)
+    for h in hooks:
+        h.remove()
+    for n, s in shapes.items():
+        (b, nq, _), (_, nk, _) = seen[n]
+        assert (s.batch, s.q_tokens, s.kv_tokens) == (b, nq, nk), n
+        assert s.heads == layers[n].heads
+
+
+@pytest.fixture
+def fixed_costs(monkeypatch):
+    """Cross-attention never pays, self-attention pays with fp8 best."""
+    def cost(s, dtype):
+        if s.kv_tokens == 7:
+            return LayerCost(1.0, 1.5, 2.0)
+        return LayerCost(1.0, 1.2, 0.2 if dtype == FP8 else 0.5)
+    monkeypatch.setattr(patch_module, "measured_cost", lambda device, dtype, backend: cost)
+
+
+def test_patch_with_auto_dtype_follows_the_plan(fixed_costs):
+    unet = make_unet("sd15")
+    with attnreuse.patch(unet, attnreuse.hurry(6, 3), cache_dtype="auto") as handle:
+        assert handle.plan is None
+        sample(unet, steps=6)
+        plan = {p.name: p for p in handle.plan}
+        assert all(p.reuse == (not n.endswith("attn2")) for n, p in plan.items())
+        assert {p.dtype for p in plan.values() if p.reuse} == {FP8}
+        assert {k[0] for k in handle.state.maps} == {n for n, p in plan.items() if p.reuse}
+        assert all(m.dtype == FP8 for m in handle.state.maps.values())
+
+
+def test_patch_budget_is_never_exceeded_even_with_separate_cfg_calls(fixed_costs):
+    unet = make_unet("sd15")
+    ref = sample(unet, steps=4, cfg="separate")
+    with attnreuse.patch(unet, "1100", cache_dtype="fp8", max_cache_bytes=math.inf) as handle:
+        sample(unet, steps=4, cfg="separate")
+        plan_bytes = sum(p.bytes for p in handle.plan)
+        full = handle.peak_cache_bytes
+    assert full == 2 * plan_bytes  # two branches, each with its own maps
+    budget = full * 3 // 4
+    with attnreuse.patch(unet, "1100", cache_dtype="fp8", max_cache_bytes=budget) as handle:
+        with pytest.warns(UserWarning, match="leaves no room"):
+            out = sample(unet, steps=4, cfg="separate")
+        assert 0 < handle.peak_cache_bytes <= budget
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_budget_too_small_means_plain_attention(fixed_costs):
+    unet = make_unet("sd15")
+    ref = sample(unet, steps=4)
+    with attnreuse.patch(unet, "1100", max_cache_bytes=10) as handle:
+        with pytest.warns(UserWarning, match="plain attention"):
+            out = sample(unet, steps=4)
+        assert handle.peak_cache_bytes == 0 and not any(p.reuse for p in handle.plan)
+    assert torch.equal(out, ref)
+
+
+def test_output_reuse_baseline():
+    unet = make_unet("sd15")
+    layers = {n: m for n, m in unet.named_modules() if type(m).__name__ == "Attention"}
+    calls = {n: 0 for n in layers}
+    hooks = [m.to_v.register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls[n] + 1))
+             for n, m in layers.items()]
+    with attnreuse.patch(unet, "1100", target="output") as handle:
+        out = sample(unet, steps=4)
+        assert all(isinstance(t, torch.Tensor) for t in handle.state.maps.values())
+    for h in hooks:
+        h.remove()
+    assert set(calls.values()) == {2}  # nothing of the layer runs on reuse steps
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="target='map'"):
+        attnreuse.patch(unet, "10", target="output", cache_dtype="auto")
+
+
+def test_pin_holds_the_step():
+    unet = make_unet("sd15")
+    with attnreuse.patch(unet, "10") as handle:
+        sample(unet, steps=1)  # step 0 captures
+        handle.pin(1)
+        a = sample(unet, steps=3)  # every call reuses the maps of step 0
+        assert handle.step == 1
+        b = sample(unet, steps=3)
+        assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="outside the schedule"):
+            handle.pin(2)
