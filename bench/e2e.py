@@ -1,0 +1,246 @@
+"""End-to-end UNet benchmark on a GPU: ``python bench/e2e.py [--json out.json]``; ``--dry-run`` on a CPU.
+
+UNets built from the public SD1.5 / SD2.1 / SDXL configs with random fp16 weights, batch 2 (CFG). Per
+UNet call, eager and CUDA-graph replay: default diffusers attention (SDPA), attention removed (the
+ceiling of any reuse method), materialised attention (``AttnProcessor``, the paper's setting), an
+attnreuse reuse step with fp16 and fp8 maps, and an attnreuse capture step. Then 20-step DDIM loops
+(graph replay per step): full, HURRY-10, and step reduction to the same latency. ``--dry-run`` runs the
+same code eagerly on a tiny UNet on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import attnreuse  # noqa: E402
+
+_SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                  block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+CONFIGS = {  # the public UNet configs (architecture only)
+    "sd15": dict(_SD_BLOCKS, cross_attention_dim=768, attention_head_dim=8),
+    "sd21": dict(_SD_BLOCKS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                 use_linear_projection=True),
+    "sdxl": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+                 cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+    "tiny": dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                 layers_per_block=1, norm_num_groups=16, cross_attention_dim=32, attention_head_dim=4),
+}
+TEXT_TOKENS = 77
+CASES = [("sd15", 512), ("sd15", 768), ("sd15", 1024), ("sd21", 768), ("sdxl", 1024)]
+
+
+class SkipAttention:
+    """Attention removed: the layer passes its input through (the ceiling of any reuse method)."""
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def copy_bandwidth(device) -> float:
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (median_ms(lambda: dst.copy_(src), device, reps=20) * 1e-3)
+
+
+def median_ms(fn, device, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graphed(fn):
+    """Record ``fn`` into a CUDA graph (after warm-up on a side stream, which also autotunes)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+class Bench:
+    def __init__(self, arch: str, px: int, device, dtype, reps: int, graphs: bool):
+        torch.manual_seed(0)
+        self.unet = UNet2DConditionModel(sample_size=px // 8, **CONFIGS[arch]).to(device, dtype).eval()
+        self.device, self.reps, self.graphs = device, reps, graphs
+        cfg = self.unet.config
+        lat = px // 8
+        self.x = torch.randn(2, 4, lat, lat, device=device, dtype=dtype)
+        self.t = torch.tensor(500, device=device)
+        self.kwargs = {"encoder_hidden_states": torch.randn(2, TEXT_TOKENS, cfg.cross_attention_dim, device=device,
+                                                            dtype=dtype)}
+        if cfg.addition_embed_type == "text_time":
+            self.kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+                                                "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}
+        self.out = None
+
+    @torch.no_grad()
+    def call(self):
+        self.out = self.unet(self.x, self.t, **self.kwargs).sample
+        return self.out
+
+    def time_call(self) -> dict:
+        """Eager and (on CUDA) graph-replay ms of one UNet call as currently configured."""
+        r = {"eager": median_ms(self.call, self.device, self.reps)}
+        if self.graphs:
+            g = graphed(self.call)
+            r["graph"] = median_ms(g.replay, self.device, self.reps)
+            del g
+        return r
+
+    def with_processor(self, proc) -> dict:
+        self.unet.set_attn_processor(proc)
+        try:
+            return self.time_call()
+        finally:
+            self.unet.set_attn_processor(AttnProcessor2_0())
+
+    def reuse_and_capture(self, cache_dtype: str) -> tuple[dict, dict, int]:
+        with attnreuse.patch(self.unet, "10", cache_dtype=cache_dtype) as handle:
+            handle.pin(0)  # "10": step 0 captures
+            capture = self.time_call()
+            handle.pin(1)  # every call now reuses the maps of the last capture
+            reuse = self.time_call()
+            nbytes = handle.cache_bytes
+        return reuse, capture, nbytes
+
+    @torch.no_grad()
+    def loop_ms(self, schedule, cache_dtype: str, steps: int) -> float:
+        """A DDIM loop of ``len(schedule)`` steps (or ``steps`` without a schedule), one replayed CUDA graph
+        per step kind (eager UNet calls on the CPU)."""
+        sched = DDIMScheduler(num_train_timesteps=1000)
+        sched.set_timesteps(steps, device=self.device)
+        latents = self.x.clone()
+        handle = attnreuse.patch(self.unet, schedule, cache_dtype=cache_dtype) if schedule is not None else None
+        acts = attnreuse.schedule.actions(schedule or (1,) * steps)
+        runners = {}  # one per kind of step, each returning the UNet's output
+        for i, action in enumerate(acts):
+            if action.value in runners:
+                continue
+            if handle is not None:
+                handle.pin(i)
+            if self.graphs:
+                graph, out = graphed(self.call), self.out
+                runners[action.value] = lambda graph=graph, out=out: (graph.replay(), out)[1]
+            else:
+                runners[action.value] = self.call
+
+        def run():
+            nonlocal latents
+            for i, t in enumerate(sched.timesteps):
+                self.x.copy_(latents)
+                if handle is not None:
+                    handle.pin(i)  # eager calls follow the schedule; replayed graphs hold their step
+                out = runners[acts[i].value]()
+                latents = sched.step(out, t, latents).prev_sample
+        try:
+            return median_ms(run, self.device, max(3, self.reps // 10))
+        finally:
+            if handle is not None:
+                handle.remove()
+
+
+def run_case(arch, px, args, device, dtype, bw) -> dict:
+    b = Bench(arch, px, device, dtype, args.reps, graphs=device.type == "cuda")
+    r = {"arch": arch, "px": px}
+    r["default"] = b.time_call()
+    r["none"] = b.with_processor(SkipAttention())
+    r["materialised"] = b.with_processor(AttnProcessor())
+    for dt in ("fp16", "fp8"):
+        r[f"reuse_{dt}"], r[f"capture_{dt}"], r[f"cache_bytes_{dt}"] = b.reuse_and_capture(dt)
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    mode = "graph" if b.graphs else "eager"
+    n, reuse = args.steps, args.steps // 2
+    hurry = attnreuse.hurry(n, reuse)
+    r["loop_full"] = b.loop_ms(None, "fp8", n)
+    r["loop_hurry_fp8"] = b.loop_ms(hurry, "fp8", n)
+    per_step = r["loop_full"] / n
+    r["fewer_steps"] = max(1, math.floor(r["loop_hurry_fp8"] / per_step))  # same latency as HURRY
+    r["loop_fewer"] = b.loop_ms(None, "fp8", r["fewer_steps"])
+    # the card's limits (see the module docstring of bench/kernels.py for t_lim)
+    t_def, t_none = r["default"][mode], r["none"][mode]
+    limit_reuse = t_none + r["cache_bytes_fp8"] / bw * 1e3
+    r["limit_reuse_ms"] = limit_reuse
+    r["reuse_target_ms"] = t_none + 1.2 * r["cache_bytes_fp8"] / bw * 1e3
+    limit_loop = (n - reuse) * t_def + reuse * limit_reuse
+    r["speedup"] = r["loop_full"] / r["loop_hurry_fp8"]
+    r["speedup_limit"] = n * t_def / limit_loop
+    r["mode"] = mode
+    del b
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dry-run", action="store_true", help="tiny UNet, CPU, eager: exercises the code")
+    ap.add_argument("--cases", nargs="*", help="e.g. sd15:512 sdxl:1024")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        device, dtype, cases = torch.device("cpu"), torch.float32, [("tiny", 128)]
+        args.reps, args.steps = 2, 4
+    else:
+        device, dtype = torch.device("cuda"), torch.float16
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases] if args.cases else CASES
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
+    bw = copy_bandwidth(device)
+    results = {"card": card, "copy_TBps": bw / 1e12, "torch": torch.__version__, "cases": []}
+    for arch, px in cases:
+        r = run_case(arch, px, args, device, dtype, bw)
+        results["cases"].append(r)
+        print(json.dumps(r), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"\n{card}, copy {bw / 1e12:.2f} TB/s; ms per UNet call (batch 2), {results['cases'][0]['mode']}; "
+          f"loops: {args.steps}-step DDIM")
+    print(f"{'case':11} {'default':>8} {'none':>8} {'materl':>8} {'reuse16':>8} {'reuse8':>8} {'limit8':>8} "
+          f"{'cap8':>8} {'cap8/def':>8} {'cache8 GB':>9} {'full':>8} {'hurry':>8} {'fewer':>10} "
+          f"{'speedup':>7} {'limit':>6}")
+    for r in results["cases"]:
+        m = r["mode"]
+        print(f"{r['arch'] + ' ' + str(r['px']):11} {r['default'][m]:8.2f} {r['none'][m]:8.2f} "
+              f"{r['materialised'][m]:8.2f} {r['reuse_fp16'][m]:8.2f} {r['reuse_fp8'][m]:8.2f} "
+              f"{r['limit_reuse_ms']:8.2f} {r['capture_fp8'][m]:8.2f} {r['capture_fp8'][m] / r['default'][m]:8.2f} "
+              f"{r['cache_bytes_fp8'] / 1e9:9.2f} {r['loop_full']:8.1f} {r['loop_hurry_fp8']:8.1f} "
+              f"{r['loop_fewer']:7.1f}/{r['fewer_steps']:<2} {r['speedup']:7.3f} {r['speedup_limit']:6.3f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
