@@ -28,7 +28,7 @@ UNET_CONFIG = dict(
 CLASS_TOKENS = 4  # tokens per class
 
 # (class, seed) pairs: schedules are searched on CALIBRATION and judged on HELD_OUT, never the same seeds.
-CALIBRATION = [(c, s) for c in range(10) for s in (0, 1)]
+CALIBRATION = [(c, 0) for c in range(10)]
 HELD_OUT = [(c, 1000 + s) for c in range(10) for s in range(5)]
 
 
@@ -59,7 +59,10 @@ def make_scheduler(name: str = "ddim"):
     """A sampling scheduler matching the training noise schedule: ``"ddim"`` or ``"dpm"`` (DPM-Solver++)."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler {name!r}: pass one of {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name](num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE)
+    # "leading" spacing starts below t = 999, where the cosine schedule's alpha is ~0 and DPM-Solver's
+    # data prediction divides by it
+    return SCHEDULERS[name](num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_schedule=BETA_SCHEDULE,
+                            timestep_spacing="leading")
 
 
 class DigitsPipeline(DiffusionPipeline):

@@ -27,7 +27,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(data.target)
 
 
-def train(steps: int, batch: int, lr: float, ema_decay: float, cond_drop: float, seed: int) -> dict:
+def train(steps: int, batch: int, lr: float, ema_decay: float, cond_drop: float, seed: int, weights=WEIGHTS) -> dict:
     images, labels = digits()
     unet, tokens = build(seed)
     params = list(unet.parameters()) + list(tokens.parameters())
@@ -59,7 +59,7 @@ def train(steps: int, batch: int, lr: float, ema_decay: float, cond_drop: float,
             print(f"step {step:5d}  loss {sum(losses[-100:]) / len(losses[-100:]):.4f}  "
                   f"{time.time() - start:6.0f} s", flush=True)
     names = [f"unet.{n}" for n, _ in unet.named_parameters()] + ["class_tokens.table"]
-    save_file({n: e.half().contiguous() for n, e in zip(names, ema)}, str(WEIGHTS))
+    save_file({n: e.half().contiguous() for n, e in zip(names, ema)}, str(weights))
     return {"data": "sklearn.datasets.load_digits (1797 images, 8x8, scaled to [-1, 1])", "steps": steps,
             "batch": batch, "lr": lr, "ema_decay": ema_decay, "cond_drop": cond_drop, "seed": seed,
             "final_loss": sum(losses[-100:]) / len(losses[-100:]), "train_seconds": round(time.time() - start),
@@ -75,8 +75,12 @@ def main(argv=None) -> None:
     p.add_argument("--cond-drop", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default="docs/digits_samples.png", help="where to write the sample grid")
+    p.add_argument("--weights", default=str(WEIGHTS), help="where to write the weights (the package's by default)")
     args = p.parse_args(argv)
-    meta = train(args.steps, args.batch, args.lr, args.ema_decay, args.cond_drop, args.seed)
+    meta = train(args.steps, args.batch, args.lr, args.ema_decay, args.cond_drop, args.seed, args.weights)
+    if args.weights != str(WEIGHTS):  # a reproduction run: leave the package's model alone
+        print(json.dumps(meta, indent=1))
+        return
     (HERE / "digits.json").write_text(json.dumps(meta, indent=1) + "\n")
     pipe = load_default()
     rows = [pipe([c] * 8, seeds=range(8), num_inference_steps=20) for c in range(10)]
