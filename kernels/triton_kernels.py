@@ -152,6 +152,6 @@ if INTERPRET:
     capture = capture_kernel
     FIXED_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 else:
-    cached_pv = triton.autotune(_configs((64, 128), (64, 128), (4, 8), (3, 4)), key=_KEY)(cached_pv_kernel)
+    cached_pv = triton.autotune(_configs((64, 128), (64, 128, 256), (4, 8), (3, 4)), key=_KEY)(cached_pv_kernel)
     capture = triton.autotune(_configs((64, 128), (32, 64), (4, 8), (2, 3)), key=_KEY)(capture_kernel)
     FIXED_CONFIG = {}
