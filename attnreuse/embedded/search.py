@@ -1,8 +1,9 @@
 """Search PHAST schedules for the embedded model: ``python -m attnreuse.embedded.search``.
 
-For each scheduler and reuse count, runs :func:`attnreuse.phast` on the calibration pairs and writes the
-schedules with their search traces to ``phast.json`` beside this file (the demo and the quality
-benchmark read it).
+For each scheduler and reuse count, runs :func:`attnreuse.phast` on the calibration pairs (at most
+``--max-rounds`` rounds, 3 by default: a round costs up to r·(N−r−1) samplings, about 100 s on 2 CPU cores)
+and writes the schedules with their search traces to ``phast.json`` beside this file (the demo and the
+quality benchmark read it).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .model import CALIBRATION, HERE, generate, load_default
 
 
 def search(schedulers=("ddim", "dpm"), reuses=(5, 10, 15), steps: int = 20, epsilon: float = 0.01,
-           pairs=CALIBRATION, max_rounds=None) -> dict:
+           pairs=CALIBRATION, max_rounds=None, path=HERE / "phast.json") -> dict:
     found = {}
     for name in schedulers:
         pipe = load_default(name)
@@ -31,15 +32,16 @@ def search(schedulers=("ddim", "dpm"), reuses=(5, 10, 15), steps: int = 20, epsi
             found[f"{name}-{steps}-{r}"] = entry
             print(f"{name} r={r}: {entry['schedule']} {res.start_utility:.2f} -> {res.utility:.2f} dB, "
                   f"{res.samplings} samplings, {entry['seconds']} s", flush=True)
+            path.write_text(json.dumps(found, indent=1) + "\n")  # as it goes: a search takes minutes
     return found
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m attnreuse.embedded.search", description=__doc__)
     p.add_argument("--epsilon", type=float, default=0.01)
+    p.add_argument("--max-rounds", type=int, default=3, help="stop a search after this many rounds")
     args = p.parse_args(argv)
-    found = search(epsilon=args.epsilon)
-    (HERE / "phast.json").write_text(json.dumps(found, indent=1) + "\n")
+    search(epsilon=args.epsilon, max_rounds=args.max_rounds)
 
 
 if __name__ == "__main__":
