@@ -89,7 +89,8 @@ def make_plan(shapes: dict[str, LayerShape], cost: CostFn, dtypes: Iterable[torc
     return [plans[name] for name in shapes]
 
 
-def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...], context_tokens: int) -> dict[str, LayerShape]:
+def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...],
+                 context_tokens: int) -> dict[str, LayerShape]:
     """The map shape of each named attention layer of a diffusers UNet for one call's input shape."""
     batch, _, height, width = sample_shape
     down = [b.downsamplers is not None for b in unet.down_blocks]
@@ -120,7 +121,8 @@ def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...], cont
 COSTS: dict[tuple, LayerCost] = {}  # (shape, storage dtype, model dtype, device name, backend) -> cost
 
 
-def _time_ms(fn, device: torch.device, reps: int = 10) -> float:
+def median_ms(fn, device: torch.device, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on ``device`` (CUDA events on a GPU), after one warm-up call."""
     fn()  # warm-up (and autotuning)
     times = []
     for _ in range(reps):
@@ -166,11 +168,9 @@ def _measure(s: LayerShape, dtype, device, model_dtype, backend) -> LayerCost:
         return kernels.capture(F.linear(hs, wq), F.linear(ctx, wk), v, s.heads, s.head_dim ** -0.5, dtype,
                                backend=backend)
 
-    _, cmap = capture()
-    t = LayerCost(compute=_time_ms(compute, device), capture=_time_ms(capture, device),
-                  reuse=_time_ms(lambda: kernels.cached_pv(cmap, v, s.heads, backend=backend), device))
-    del cmap
-    return t
+    cmap = capture()[1]
+    return LayerCost(compute=median_ms(compute, device), capture=median_ms(capture, device),
+                     reuse=median_ms(lambda: kernels.cached_pv(cmap, v, s.heads, backend=backend), device))
 
 
 def auto_dtypes(model_dtype: torch.dtype) -> tuple[torch.dtype, ...]:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnreuse  # noqa: E402
+from attnreuse.planner import median_ms  # noqa: E402
 
 _SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -56,24 +55,6 @@ def copy_bandwidth(device) -> float:
     src = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     return 2 * src.numel() / (median_ms(lambda: dst.copy_(src), device, reps=20) * 1e-3)
-
-
-def median_ms(fn, device, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def graphed(fn):

@@ -2,7 +2,7 @@
 
 On held-out (class, seed) pairs (never the calibration pairs PHAST searched on), for DDIM and DPM-Solver++
 at N steps and each reuse count r: PSNR and SSIM against the full N-step sample for HURRY, PHAST, early
-reuse, random schedules, fp8 instead of model-dtype maps, attention-output reuse (the T-GATE / PAB
+reuse, random schedules, fp16 and fp8 instead of model-dtype maps, attention-output reuse (the T-GATE / PAB
 strategy) and step reduction at equal cost. A reuse step costs ρ of a computing step, so a schedule costs
 ``#compute + ρ·#reuse`` steps; step reduction runs the most steps that cost no more. Writes ``quality.md``,
 ``quality.csv`` and ``quality.png`` (PSNR against relative latency) into ``--out``.
@@ -72,7 +72,8 @@ def evaluate(args) -> list[dict]:
 
         for r in args.reuse:
             hurry = attnreuse.hurry(args.steps, r)
-            record("hurry", hurry, r=r)
+            record("hurry", hurry, r=r)  # maps in the model's dtype (fp32 here)
+            record("hurry fp16 maps", hurry, r=r, cache_dtype="fp16")
             record("hurry fp8 maps", hurry, r=r, cache_dtype="fp8")
             key = f"{sched_name}-{args.steps}-{r}"
             if key in searched:
@@ -81,6 +82,7 @@ def evaluate(args) -> list[dict]:
                 phast = attnreuse.phast(pipe, lambda: generate(pipe, args.calibration, args.steps), args.steps, r,
                                         max_rounds=args.phast_rounds).schedule
             record("phast", phast, r=r)
+            record("phast fp16 maps", phast, r=r, cache_dtype="fp16")
             record("phast fp8 maps", phast, r=r, cache_dtype="fp8")
             record("early", early(args.steps, r), r=r)
             for i in range(args.random):
@@ -122,7 +124,7 @@ def write(rows: list[dict], out: Path, steps: int) -> None:
             ax = axes[i][j]
             for fam in families:
                 pts = [(r[f"latency_{key}"], r["psnr"]) for r in rows if r["scheduler"] == sched
-                       and fam in r["method"] and "fp8" not in r["method"]
+                       and fam in r["method"] and "maps" not in r["method"]
                        and (fam != "steps" or key in r["method"])]
                 if pts:
                     xs, ys = zip(*sorted(pts))

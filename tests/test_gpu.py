@@ -27,3 +27,31 @@ def test_all_compute_is_bit_identical_on_gpu():
     ref = sample(unet, steps=6, size=16, device="cuda")
     with attnreuse.patch(unet, "111111", cache_dtype="fp8"):
         assert torch.equal(sample(unet, steps=6, size=16, device="cuda"), ref)
+
+
+def test_kernels_under_torch_compile_and_cuda_graphs():
+    from kernels import FP8
+    from kernels.triton_ops import cached_pv_op, cached_pv_triton, capture_op, capture_triton
+
+    b, h, n, d = 2, 4, 256, 40
+    q, k, v = (torch.randn(b, n, h * d, device="cuda", dtype=torch.float16) for _ in range(3))
+    _, ref_map = capture_triton(q, k, v, h, d ** -0.5, FP8)
+    ref_pv = cached_pv_triton(ref_map, v, h)
+
+    def reuse(q, k, v):
+        _, amap, rscale = capture_op(q, k, v, h, d ** -0.5, FP8)
+        return cached_pv_op(amap, rscale, v, h)
+
+    assert torch.equal(torch.compile(reuse, fullgraph=True)(q, k, v), ref_pv)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cached_pv_triton(ref_map, v, h)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cached_pv_triton(ref_map, v, h)
+    v.copy_(torch.randn_like(v))
+    graph.replay()
+    assert torch.equal(out, cached_pv_triton(ref_map, v, h))
