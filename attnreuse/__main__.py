@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--classes", type=int, nargs="+", default=[0, 2, 3, 5, 7, 8])
     p.add_argument("--cache-dtype", default=None, help="map storage: fp16, bf16, fp32 or fp8")
     p.add_argument("--out", default="attnreuse_demo.png")
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     demo(args)
 
 

@@ -118,18 +118,18 @@ def write(rows: list[dict], out: Path, steps: int) -> None:
     schedulers = sorted({r["scheduler"] for r in rows})
     fig, axes = plt.subplots(len(schedulers), len(RHOS), figsize=(6 * len(RHOS), 4 * len(schedulers)),
                              squeeze=False)
-    families = ["hurry", "phast", "early", "random", "output reuse", "steps"]
+    families = {"hurry": "hurry", "phast": "phast", "early": "early", "random": "random",
+                "output reuse": "output reuse (hurry)", "fewer steps": " steps (ρ "}
     for i, sched in enumerate(schedulers):
         for j, (key, rho) in enumerate(RHOS.items()):
             ax = axes[i][j]
-            for fam in families:
-                pts = [(r[f"latency_{key}"], r["psnr"]) for r in rows if r["scheduler"] == sched
-                       and fam in r["method"] and "maps" not in r["method"]
-                       and (fam != "steps" or key in r["method"])]
+            for label, tag in families.items():
+                pts = [(r[f"latency_{key}"], r["psnr"]) for r in rows if r["scheduler"] == sched and (
+                    (label == "fewer steps" and tag in r["method"] and key in r["method"])
+                    or (label != "fewer steps" and r["method"].split(" #")[0] == tag))]
                 if pts:
                     xs, ys = zip(*sorted(pts))
-                    ax.plot(xs, ys, "o" if fam == "random" else "o-", label=fam if fam != "steps" else
-                            "fewer steps")
+                    ax.plot(xs, ys, "o" if label == "random" else "o-", label=label)
             ax.set(title=f"{sched}, ρ = {rho} ({key})", xlabel="relative latency", ylabel="PSNR vs full (dB)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
