@@ -7,9 +7,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["attnreuse", "attnreuse.*", "kernels", "kernels.*"]),
-    package_data={"attnreuse": ["assets/*"]},
+    package_data={"attnreuse.embedded": ["digits.safetensors", "digits.json", "phast.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "diffusers>=0.30", "numpy"],
+    install_requires=["torch>=2.4", "triton>=3.0", "diffusers>=0.30", "numpy", "safetensors", "pillow"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn", "scikit-image", "safetensors"],
         "bench": ["pytest-benchmark>=4", "scikit-image", "matplotlib", "pillow"],

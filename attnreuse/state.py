@@ -91,8 +91,9 @@ class ReuseState:
                     "entry per sampling step (e.g. attnreuse.hurry(num_inference_steps, reuse))")
             self.step += 1
             self.branch = 0
-            if self.action is not Action.REUSE:
-                self.maps.clear()  # never read again: free them before this step allocates
+            if self.action is not Action.REUSE:  # never read again: free them before this step allocates
+                self.maps.clear()
+                self.declined.clear()
         self._timestep = t
         self._shape = sample_shape
 
