@@ -48,8 +48,7 @@ class ReuseState:
 
     def reset(self) -> None:
         """Forget the current generation and drop every cached map."""
-        self.maps.clear()
-        self.declined.clear()
+        self._drop_maps()
         self.step = -1  # -1: no generation running
         self.branch = 0
         self.pinned = False
@@ -71,7 +70,12 @@ class ReuseState:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(m.nbytes for m in self.maps.values())
+        return self._bytes
+
+    def _drop_maps(self) -> None:
+        self.maps.clear()
+        self.declined.clear()
+        self._bytes = 0
 
     def begin_call(self, timestep, sample_shape: tuple[int, ...]) -> None:
         """Advance the step/branch counters for one UNet call."""
@@ -92,22 +96,23 @@ class ReuseState:
             self.step += 1
             self.branch = 0
             if self.action is not Action.REUSE:  # never read again: free them before this step allocates
-                self.maps.clear()
-                self.declined.clear()
+                self._drop_maps()
         self._timestep = t
         self._shape = sample_shape
 
     def store(self, layer: str, cmap: CachedMap | torch.Tensor) -> None:
         key = (layer, self.branch)
-        self.maps.pop(key, None)
-        if self.max_cache_bytes is not None and self.cache_bytes + cmap.nbytes > self.max_cache_bytes:
+        old = self.maps.pop(key, None)
+        self._bytes -= 0 if old is None else old.nbytes
+        if self.max_cache_bytes is not None and self._bytes + cmap.nbytes > self.max_cache_bytes:
             self.declined.add(key)
             warnings.warn(f"attnreuse: max_cache_bytes={self.max_cache_bytes:.4g} leaves no room for the map of "
                           f"{layer} (UNet call {self.branch + 1} of its step): that layer computes instead",
                           stacklevel=2)
             return
         self.maps[key] = cmap
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
+        self._bytes += cmap.nbytes
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self._bytes)
 
     def lookup(self, layer: str) -> CachedMap | torch.Tensor | None:
         """The cached map (or output) of ``layer`` for this branch; None if the budget declined it."""

@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import cached_pv_reference, capture_reference
@@ -28,6 +30,7 @@ def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return usable and backend_available()
 
 
+@functools.cache
 def backend_available() -> bool:
     """Whether the Triton kernels can run here (Triton importable and a CUDA device present)."""
     try:
