@@ -147,7 +147,14 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=len(HELD_OUT), help="held-out pairs to use")
     ap.add_argument("--phast-rounds", type=int, default=None, help="bound a PHAST search run here")
     ap.add_argument("--tiny", action="store_true", help="a quick end-to-end run: few pairs and schedules")
+    ap.add_argument("--rho", nargs="+", metavar="NAME=VALUE",
+                    help="reuse-step costs to compare at, e.g. h100_sd15_512=0.93 from bench/e2e.py "
+                         "(reuse_fp8 / default, graph mode); default: " +
+                         " ".join(f"{k}={v}" for k, v in RHOS.items()))
     args = ap.parse_args(argv)
+    if args.rho:
+        RHOS.clear()
+        RHOS.update({k: float(v) for k, v in (item.split("=") for item in args.rho)})
     if args.tiny:
         args.steps, args.reuse, args.random, args.pairs, args.phast_rounds = 6, [2], 1, 3, 1
     args.pairs = HELD_OUT[:args.pairs]
