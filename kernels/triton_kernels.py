@@ -35,6 +35,16 @@ def _fp16_to_fp8_bytes(x):
 
 
 @triton.jit
+def _program_tile(H, NQ, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (batch, head), its query rows (64-bit) and the key/head-dim ranges, with masks."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return ((pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, tl.arange(0, BLOCK_N), offs_d,
+            offs_m < NQ, offs_d < D)
+
+
+@triton.jit
 def cached_pv_kernel(
     A, S, V, O,
     stride_ab, stride_ah, stride_am,  # map [B, H, Nq, Nk], unit stride along Nk
@@ -45,15 +55,7 @@ def cached_pv_kernel(
     IS_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < NQ
-    mask_d = offs_d < D
+    b, h, offs_m, offs_n, offs_d, mask_m, mask_d = _program_tile(H, NQ, D, BLOCK_M, BLOCK_N, BLOCK_D)
     a_ptrs = A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_n[None, :]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -88,15 +90,7 @@ def capture_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Two passes over K: row max and sum, then probabilities, their store and P·V."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < NQ
-    mask_d = offs_d < D
+    b, h, offs_m, offs_n, offs_d, mask_m, mask_d = _program_tile(H, NQ, D, BLOCK_M, BLOCK_N, BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
     k_base = K + b * stride_kb + h * stride_kh + offs_d[:, None]  # K transposed: [BLOCK_D, BLOCK_N]
