@@ -17,8 +17,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-FP8_MAX = 448.0
-FP8_TO_FP16_SCALE = 256.0  # (byte << 7) as fp16 == e4m3 value / 256
 
 
 @triton.jit
