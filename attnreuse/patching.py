@@ -137,7 +137,7 @@ class ReuseHandle:
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         self.state.begin_call(timestep, tuple(sample.shape))
-        if self.config.planned and (self._plan is None or self.state.step == 0 and self.state.branch == 0):
+        if self.config.planned and (self._plan is None or (self.state.step == 0 and self.state.branch == 0)):
             context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
             self._use_plan(sample, context.shape[1])
 

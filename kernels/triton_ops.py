@@ -45,8 +45,10 @@ def _grid(nq: int, bh: int):
     return lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), bh)
 
 
-def cached_pv_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, v: torch.Tensor, heads: int) -> None:
-    """Launch ``cached_pv`` writing into ``out`` ``[B, Nq, H·D]``; ``data`` fp8 maps as uint8 bytes."""
+def cached_pv_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, v: torch.Tensor,
+                   heads: int) -> None:
+    """Launch ``cached_pv`` writing into ``out`` ``[B, Nq, H·D]``; ``data`` fp8 maps as uint8 bytes with
+    their row ``scale``, other maps with ``scale=None``."""
     b, h, nq, nk = data.shape
     v4 = _heads_view(v, heads)
     d = v4.shape[-1]
@@ -55,7 +57,7 @@ def cached_pv_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, v
     dot_dtype, precision = _dot_dtype(v.dtype, torch.float16 if is_fp8 else data.dtype)
     sb, sh = (scale.stride(0), scale.stride(1)) if is_fp8 else (0, 0)
     tk.cached_pv[_grid(nq, b * h)](
-        data, scale, v4, o4,
+        data, scale if is_fp8 else data, v4, o4,  # without fp8 the scale pointer is never read
         data.stride(0), data.stride(1), data.stride(2), sb, sh,
         v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
         h, nq, nk, d,
@@ -64,8 +66,8 @@ def cached_pv_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, v
 
 
 @torch.library.custom_op("attnreuse::cached_pv", mutates_args=())
-def cached_pv_op(data: torch.Tensor, scale: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``data``: map ``[B, H, Nq, Nk]`` (fp8 as uint8 bytes); ``scale``: ``[B, H, Nq]`` fp32 or empty."""
+def cached_pv_op(data: torch.Tensor, scale: torch.Tensor | None, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """``data``: map ``[B, H, Nq, Nk]`` (fp8 as uint8 bytes); ``scale``: ``[B, H, Nq]`` fp32 for fp8, else None."""
     out = v.new_empty(v.shape[0], data.shape[2], v.shape[2])
     cached_pv_into(out, data, scale, v, heads)
     return out
@@ -124,10 +126,8 @@ def cached_pv_triton(cmap: CachedMap, v: torch.Tensor, heads: int) -> torch.Tens
     _check_values(v)
     if cmap.dtype == torch.float64:
         raise TypeError("Triton kernels do not take fp64 maps; use backend='torch'")
-    fp8 = cmap.dtype == FP8
-    data = cmap.data.view(torch.uint8) if fp8 else cmap.data
-    scale = cmap.scale if fp8 else cmap.data.new_empty(0, dtype=torch.float32)
-    return cached_pv_op(data, scale, v, heads)
+    data = cmap.data.view(torch.uint8) if cmap.dtype == FP8 else cmap.data
+    return cached_pv_op(data, cmap.scale, v, heads)
 
 
 def capture_triton(q, k, v, heads: int, scale: float, map_dtype: torch.dtype):

@@ -50,8 +50,7 @@ def test_cached_pv(shape, map_dtype):
     cmap = CachedMap.from_probs(p.float(), map_dtype)
     fp8 = map_dtype == FP8
     out = torch.full((b, nq, h * d), float("nan"), dtype=v.dtype, device=DEVICE)
-    cached_pv_into(out, cmap.data.view(torch.uint8) if fp8 else cmap.data,
-                   cmap.scale if fp8 else torch.empty(0, device=DEVICE), v, h)
+    cached_pv_into(out, cmap.data.view(torch.uint8) if fp8 else cmap.data, cmap.scale, v, h)
     assert not out.isnan().any()
     assert rel_err(out, merge_heads(p @ split_heads(v.double(), h))) < BOUND[map_dtype]
 
