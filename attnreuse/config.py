@@ -6,7 +6,7 @@ from typing import Callable, Union
 
 import torch
 
-from kernels import BACKENDS, FP8
+from .kernels import BACKENDS, FP8
 
 from .schedule import as_schedule
 

@@ -9,7 +9,6 @@ Costs are measured once per shape on the device at hand and kept in memory (:dat
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -17,9 +16,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import FP8, storage_nbytes
-from kernels.reference import split_heads
+from . import kernels
+from .kernels import FP8, storage_nbytes
+from .harness import median_ms
+from .kernels.reference import split_heads
 
 
 @dataclass(frozen=True)
@@ -119,25 +119,6 @@ def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...],
 # ---- measured costs -----------------------------------------------------------------------------------
 
 COSTS: dict[tuple, LayerCost] = {}  # (shape, storage dtype, model dtype, device name, backend) -> cost
-
-
-def median_ms(fn, device: torch.device, reps: int = 10) -> float:
-    """Median milliseconds of ``fn()`` on ``device`` (CUDA events on a GPU), after one warm-up call."""
-    fn()  # warm-up (and autotuning)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def measured_cost(device: torch.device, model_dtype: torch.dtype, backend: str = "auto") -> CostFn:

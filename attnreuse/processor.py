@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-import kernels
-from kernels.reference import merge_heads, split_heads
+from . import kernels
+from .kernels.reference import merge_heads, split_heads
 
 from .config import ReuseConfig
 from .schedule import Action

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from kernels import CachedMap
+from .kernels import CachedMap
 
 from .schedule import Action, actions, to_string
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnreuse  # noqa: E402
-from attnreuse.planner import median_ms  # noqa: E402
+import attnreuse
+from attnreuse.harness import copy_bandwidth, graphed, median_ms
 
 _SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -49,26 +47,6 @@ class SkipAttention:
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
         return hidden_states
-
-
-def copy_bandwidth(device) -> float:
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (median_ms(lambda: dst.copy_(src), device, reps=20) * 1e-3)
-
-
-def graphed(fn):
-    """Record ``fn`` into a CUDA graph (after warm-up on a side stream, which also autotunes)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 class Bench:
@@ -170,7 +148,7 @@ def run_case(arch, px, args, device, dtype, bw) -> dict:
     per_step = r["loop_full"] / n
     r["fewer_steps"] = max(1, math.floor(r["loop_hurry_fp8"] / per_step))  # same latency as HURRY
     r["loop_fewer"] = b.loop_ms(None, "fp8", r["fewer_steps"])
-    # the card's limits (see the module docstring of bench/kernels.py for t_lim)
+    # the card's limits (see the module docstring of bench/kernel_table.py for t_lim)
     t_def, t_none = r["default"][mode], r["none"][mode]
     limit_reuse = t_none + r["cache_bytes_fp8"] / bw * 1e3
     r["limit_reuse_ms"] = limit_reuse

@@ -8,6 +8,6 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv | tee "$out/gpu.txt"
 timeout 150 python -m pytest -q -x tests/test_kernels.py tests/test_gpu.py 2>&1 | tail -n 15 | tee "$out/tests.txt"
-timeout 180 python bench/kernels.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.txt" | tail -n 9
+timeout 180 python bench/kernel_table.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.txt" | tail -n 9
 timeout 240 python bench/e2e.py --json "$out/e2e.json" --cases ${E2E_CASES:-sd15:512 sd15:1024} \
     2>&1 | tee "$out/e2e.txt" | tail -n 5

@@ -13,16 +13,14 @@ import argparse
 import csv
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnreuse  # noqa: E402
-from attnreuse.embedded import CALIBRATION, HELD_OUT, generate, load_default, searched_schedules  # noqa: E402
-from attnreuse.schedule import to_string  # noqa: E402
+import attnreuse
+from attnreuse.embedded import CALIBRATION, HELD_OUT, generate, load_default, searched_schedules
+from attnreuse.schedule import to_string
 
 # ρ, the cost of a reuse step relative to a computing step: the paper's (SD1.5, materialised attention),
 # and the best any attention reuse reaches on an H200 with SDPA (SD1.5 512², attention removed entirely,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_unet, sample
 
 import attnreuse
+from tests.helpers import make_unet, sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -30,8 +30,8 @@ def test_all_compute_is_bit_identical_on_gpu():
 
 
 def test_kernels_under_torch_compile_and_cuda_graphs():
-    from kernels import FP8
-    from kernels.triton_ops import cached_pv_op, cached_pv_triton, capture_op, capture_triton
+    from attnreuse.kernels import FP8
+    from attnreuse.kernels.triton_ops import cached_pv_op, cached_pv_triton, capture_op, capture_triton
 
     b, h, n, d = 2, 4, 256, 40
     q, k, v = (torch.randn(b, n, h * d, device="cuda", dtype=torch.float16) for _ in range(3))

@@ -4,18 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import FP8, CachedMap
-from kernels.reference import merge_heads, split_heads
-from kernels.triton_ops import cached_pv_into, cached_pv_op, capture_into, capture_op, capture_triton
+from attnreuse.kernels import FP8, CachedMap
+from attnreuse.kernels.reference import merge_heads, split_heads
+from attnreuse.kernels.triton_ops import cached_pv_into, cached_pv_op, capture_into, capture_op, capture_triton
+from tests.helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, heads, q tokens, kv tokens, head dim): odd token counts, cross-attention's 77 keys, SD head dims
 SHAPES = [(2, 2, 37, 77, 40), (1, 3, 61, 45, 80), (1, 1, 19, 33, 160), (2, 1, 16, 16, 64)]
 BOUND = {torch.float16: 1e-3, FP8: 3e-2}
-
-
-def rel_err(got, ref):
-    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def inputs(shape, dtype=torch.float16, seed=0):

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import contexts, make_unet, sample, unet_kwargs
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 import attnreuse
 from attnreuse.processor import ReuseAttnProcessor
-from kernels import storage_nbytes
+from attnreuse.kernels import storage_nbytes
+from tests.helpers import contexts, make_unet, sample, unet_kwargs
 
 
 def attention_layers(unet):

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_unet, sample
 
 import attnreuse
 from attnreuse.phast import neighbours
+from tests.helpers import make_unet, sample
 
 
 def test_neighbours_keep_reuse_count_and_first_step():

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_unet, sample
 
 import attnreuse
 import attnreuse.patching as patch_module
 from attnreuse.planner import LayerCost, LayerShape, layer_shapes, make_plan
-from kernels import FP8, storage_nbytes
+from attnreuse.kernels import FP8, storage_nbytes
+from tests.helpers import make_unet, sample
 
 F16 = torch.float16
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import FP8, CachedMap, cached_pv, capture, storage_nbytes
-from kernels.reference import merge_heads, split_heads
-
-
-def rel_err(got, ref):
-    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+from attnreuse.kernels import FP8, CachedMap, cached_pv, capture, storage_nbytes
+from attnreuse.kernels.reference import merge_heads, split_heads
+from tests.helpers import rel_err
 
 
 def random_qkv(b, h, nq, nk, d, dtype=torch.float32, seed=0):

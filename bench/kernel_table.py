@@ -1,4 +1,4 @@
-"""Kernel table on a GPU: ``python bench/kernels.py [--json out.json] [--shapes sd15_64x64_self ...]``.
+"""Kernel table on a GPU: ``python bench/kernel_table.py [--json out.json] [--shapes sd15_64x64_self ...]``.
 
 Per shape (the anchor shapes of SD1.5/SDXL attention): SDPA, ``torch.bmm`` over a cached fp16 map,
 ``cached_pv`` with fp16 and fp8 maps, the capture kernel (fp16 and fp8 maps), each with its error
@@ -9,38 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import FP8, CachedMap  # noqa: E402
-from kernels.reference import merge_heads, split_heads  # noqa: E402
-from kernels.triton_ops import cached_pv_triton, capture_triton  # noqa: E402
-
-SHAPES = {  # (batch, heads, q tokens, kv tokens, head dim)
-    "sd15_64x64_self": (2, 8, 4096, 4096, 40),
-    "sd15_32x32_self": (2, 8, 1024, 1024, 80),
-    "sd15_64x64_cross": (2, 8, 4096, 77, 40),
-    "sdxl_64x64_self": (2, 10, 4096, 4096, 64),
-    "sdxl_32x32_self": (2, 20, 1024, 1024, 64),
-    "sd15_1024px_self": (2, 8, 16384, 16384, 40),
-}
-
-
-def bench_ms(fn) -> float:
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second."""
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
-
+from attnreuse.harness import SHAPES, bench_ms, copy_bandwidth
+from attnreuse.kernels import FP8, CachedMap
+from attnreuse.kernels.reference import merge_heads, split_heads
+from attnreuse.kernels.triton_ops import cached_pv_triton, capture_triton
 
 def rel_err(got, ref) -> float:
     return ((got.double() - ref).norm() / ref.norm()).item()

@@ -131,7 +131,7 @@ def cached_pv_triton(cmap: CachedMap, v: torch.Tensor, heads: int) -> torch.Tens
 
 
 def capture_triton(q, k, v, heads: int, scale: float, map_dtype: torch.dtype):
-    """Attention output and its map (see :func:`kernels.capture`) with the Triton kernel."""
+    """Attention output and its map (see :func:`attnreuse.kernels.capture`) with the Triton kernel."""
     _check_values(q, k, v)
     if map_dtype not in (FP8,) + VALUE_DTYPES:
         raise TypeError(f"Triton kernels store maps as fp8, fp16, bf16 or fp32, not {map_dtype}")

@@ -1,0 +1,83 @@
+"""Shared test helpers: small UNets in the shape of SD1.5, SD2.x and SDXL (random weights, built offline),
+a diffusers-style sampling loop, and float64 references."""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+
+CROSS_DIM = 32
+TEXT_TOKENS = 7
+
+ARCHS = {
+    # SD1.5: conv projections in/out of the transformer, 8 heads everywhere
+    "sd15": dict(attention_head_dim=4),
+    # SD2.x: linear projections, per-level head counts
+    "sd2": dict(attention_head_dim=(2, 4), use_linear_projection=True),
+    # SDXL: linear projections, per-level heads, several transformer layers per block, text-time embedding
+    "sdxl": dict(attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=CROSS_DIM + 6 * 8),
+}
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+
+def make_unet(arch: str = "sd15", sample_size: int = 8, seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=CROSS_DIM,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **ARCHS[arch])
+    return unet.eval()
+
+
+def unet_kwargs(unet, batch: int, context: torch.Tensor) -> dict:
+    """Keyword arguments every call of ``unet`` needs besides sample and timestep."""
+    kwargs = {"encoder_hidden_states": context.to(unet.dtype)}
+    if unet.config.addition_embed_type == "text_time":  # the same pooled embedding and size ids for every row
+        g = torch.Generator().manual_seed(7)
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, CROSS_DIM, generator=g).to(context.device, unet.dtype).expand(batch, -1),
+            "time_ids": torch.randn(1, 6, generator=g).to(context.device, unet.dtype).expand(batch, -1)}
+    return kwargs
+
+
+def contexts(batch: int = 1, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, TEXT_TOKENS, CROSS_DIM, generator=g),
+            torch.randn(batch, TEXT_TOKENS, CROSS_DIM, generator=g))
+
+
+@torch.no_grad()
+def sample(unet, scheduler_cls=DDIMScheduler, steps: int = 20, cfg: str = "batched", seed: int = 0,
+           batch: int = 1, guidance: float = 4.0, size: int | None = None, device="cpu") -> torch.Tensor:
+    """A diffusers-style sampling loop. ``cfg``: "batched" (one doubled call), "separate" (two calls), "none"."""
+    scheduler = scheduler_cls(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps, device=device)
+    size = size or unet.config.sample_size
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, size, size, generator=g).to(device, unet.dtype) * scheduler.init_noise_sigma
+    cond, uncond = (c.to(device) for c in contexts(batch))
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(latents, t)
+        if cfg == "batched":
+            eps_u, eps_c = unet(torch.cat([x, x]), t, **unet_kwargs(unet, 2 * batch, torch.cat([uncond, cond]))
+                                ).sample.chunk(2)
+        elif cfg == "separate":
+            eps_c = unet(x, t, **unet_kwargs(unet, batch, cond)).sample
+            eps_u = unet(x, t, **unet_kwargs(unet, batch, uncond)).sample
+        else:
+            eps_u = eps_c = unet(x, t, **unet_kwargs(unet, batch, cond)).sample
+        eps = eps_u + guidance * (eps_c - eps_u)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``‖got − ref‖ / ‖ref‖`` in float64."""
+    return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
