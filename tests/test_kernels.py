@@ -4,15 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnreuse.kernels import FP8, CachedMap
+from attnreuse.kernels import FP8, CachedMap, cached_pv, capture
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.triton_ops import cached_pv_into, cached_pv_op, capture_into, capture_op, capture_triton
+from attnreuse.kernels.storage import KEY_BLOCK, num_blocks
+from attnreuse.kernels.triton_ops import cached_pv_op, capture_op, launch_cached_pv, launch_capture
 from tests.helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (batch, heads, q tokens, kv tokens, head dim): odd token counts, cross-attention's 77 keys, SD head dims
-SHAPES = [(2, 2, 37, 77, 40), (1, 3, 61, 45, 80), (1, 1, 19, 33, 160), (2, 1, 16, 16, 64)]
+# (batch, heads, q tokens, kv tokens, head dim): odd token counts, cross-attention's 77 keys, kv lengths
+# that are not multiples of KEY_BLOCK (partial last block), SD head dims 40/80/160 and 64
+SHAPES = [(2, 2, 37, 77, 40), (1, 3, 61, 200, 80), (1, 1, 19, 150, 160), (1, 2, 33, 300, 64)]
 BOUND = {torch.float16: 1e-3, FP8: 3e-2}
+MAP_DTYPES = [torch.float16, FP8]
 
 
 def inputs(shape, dtype=torch.float16, seed=0):
@@ -26,64 +29,83 @@ def probs64(q, k, heads, scale):
     return (split_heads(q.double(), heads) @ split_heads(k.double(), heads).transpose(-1, -2) * scale).softmax(-1)
 
 
-def poisoned_map(b, h, nq, nk, map_dtype):
-    """A map buffer full of NaN (0x7F is e4m3fn's NaN byte) and NaN row scales."""
-    if map_dtype == FP8:
-        return (torch.full((b, h, nq, nk), 0x7F, dtype=torch.uint8, device=DEVICE),
-                torch.full((b, h, nq), float("nan"), device=DEVICE))
-    return torch.full((b, h, nq, nk), float("nan"), dtype=map_dtype, device=DEVICE), torch.empty(0, device=DEVICE)
+def out64(p, v, heads):
+    return merge_heads(p @ split_heads(v.double(), heads))
 
 
-def as_cached_map(amap, rscale):
-    return CachedMap(amap.view(FP8), rscale) if amap.dtype == torch.uint8 else CachedMap(amap, None)
+def poisoned(shape, map_dtype):
+    """Output and map buffers full of NaN (0x7F is e4m3fn's NaN byte)."""
+    b, h, nq, nk, d = shape
+    data = torch.full((b, h, nq, nk), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8) if map_dtype == FP8 else \
+        torch.full((b, h, nq, nk), float("nan"), dtype=map_dtype, device=DEVICE)
+    nan = float("nan")
+    return (torch.full((b, nq, h * d), nan, dtype=torch.float16, device=DEVICE), data,
+            torch.full((b, h, num_blocks(nk), nq), nan, device=DEVICE), torch.full((b, h, nq), nan, device=DEVICE))
 
 
-@pytest.mark.parametrize("map_dtype", [torch.float16, FP8])
+@pytest.mark.parametrize("map_dtype", MAP_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cached_pv(shape, map_dtype):
     b, h, nq, nk, d = shape
     q, k, v = inputs(shape, seed=sum(shape))
     p = probs64(q, k, h, d ** -0.5)
-    cmap = CachedMap.from_probs(p.float(), map_dtype)
-    fp8 = map_dtype == FP8
-    out = torch.full((b, nq, h * d), float("nan"), dtype=v.dtype, device=DEVICE)
-    cached_pv_into(out, cmap.data.view(torch.uint8) if fp8 else cmap.data, cmap.scale, v, h)
+    cmap = CachedMap.from_probs(p, map_dtype)
+    out = poisoned(shape, map_dtype)[0]
+    launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h)
     assert not out.isnan().any()
-    assert rel_err(out, merge_heads(p @ split_heads(v.double(), h))) < BOUND[map_dtype]
+    assert rel_err(out, out64(p, v, h)) < BOUND[map_dtype]
 
 
-@pytest.mark.parametrize("map_dtype", [torch.float16, FP8])
+@pytest.mark.parametrize("map_dtype", MAP_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_capture(shape, map_dtype):
     b, h, nq, nk, d = shape
     q, k, v = inputs(shape, seed=sum(shape) + 1)
     scale = d ** -0.5
-    out = torch.full((b, nq, h * d), float("nan"), dtype=v.dtype, device=DEVICE)
-    amap, rscale = poisoned_map(b, h, nq, nk, map_dtype)
-    capture_into(out, amap, rscale, q, k, v, h, scale)
+    out, data, block_max, row_lse = poisoned(shape, map_dtype)
+    launch_capture(out, data, block_max, row_lse, q, k, v, h, scale)
     p = probs64(q, k, h, scale)
     assert not out.isnan().any()
-    assert rel_err(out, merge_heads(p @ split_heads(v.double(), h))) < 2e-3  # fp16 attention tolerance
-    cmap = as_cached_map(amap, rscale)
+    assert rel_err(out, out64(p, v, h)) < 2e-3  # fp16 attention tolerance
+    cmap = CachedMap(data, block_max, row_lse)  # launch_capture wrote fp8 as FP8 (the ops pass uint8)
     back = cmap.dequantize(torch.float64)
     assert not back.isnan().any()
     assert rel_err(back, p) < BOUND[map_dtype]
-    if map_dtype == FP8:  # the row maximum sits at the top of the e4m3 range
-        assert (cmap.data.float().amax(-1) == 448).all()
+    # every key block is stored relative to its own maximum: each block's largest entry is the dtype's top
+    blocks = torch.nn.functional.pad(data.float(), (0, num_blocks(nk) * KEY_BLOCK - nk)).unflatten(-1, (-1, KEY_BLOCK))
+    assert (blocks.amax(-1) == (448 if map_dtype == FP8 else 1)).all()
+    # and the reuse kernel reads what the capture kernel wrote
+    v2 = torch.randn_like(v)
+    assert rel_err(cached_pv_op(data, block_max, row_lse, v2, h), out64(p, v2, h)) < BOUND[map_dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_capture_then_reuse_in_model_dtype(dtype):
     """The pair as attnreuse runs it: store at one step, multiply fresh values at the next."""
-    shape = (2, 2, 24, 40, 40)
+    shape = (2, 2, 24, 140, 40)
     b, h, nq, nk, d = shape
     q, k, v = inputs(shape, dtype=dtype, seed=5)
-    out, cmap = capture_triton(q, k, v, h, d ** -0.5, FP8)
+    out, data, block_max, row_lse = capture_op(q, k, v, h, d ** -0.5, FP8)
     v2 = torch.randn_like(v)
-    data, scale = cmap.data.view(torch.uint8), cmap.scale
-    reused = cached_pv_op(data, scale, v2, h)
+    reused = cached_pv_op(data, block_max, row_lse, v2, h)
     assert reused.dtype == dtype and reused.shape == out.shape
-    assert rel_err(reused, merge_heads(probs64(q, k, h, d ** -0.5) @ split_heads(v2.double(), h))) < 3e-2
+    assert rel_err(reused, out64(probs64(q, k, h, d ** -0.5), v2, h)) < 3e-2
+
+
+def test_zero_blocks_read_as_zero():
+    """A block whose probabilities all underflowed (block max -inf) adds nothing, never NaN."""
+    shape = (1, 2, 17, 3 * KEY_BLOCK, 40)
+    b, h, nq, nk, d = shape
+    p = torch.rand(b, h, nq, nk, dtype=torch.float64, device=DEVICE)
+    p[..., KEY_BLOCK:2 * KEY_BLOCK] = 0
+    p /= p.sum(-1, keepdim=True)
+    v = inputs(shape)[2]
+    for dtype in MAP_DTYPES:
+        cmap = CachedMap.from_probs(p, dtype)
+        assert torch.isneginf(cmap.block_max[:, :, 1]).all() and cmap.dequantize()[..., KEY_BLOCK:2 * KEY_BLOCK].eq(0).all()
+        out = poisoned(shape, dtype)[0]
+        launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h)
+        assert rel_err(out, out64(p, v, h)) < BOUND[dtype]
 
 
 def test_strided_inputs():
@@ -92,22 +114,29 @@ def test_strided_inputs():
     b, h, n, _, d = shape
     qkv = torch.randn(b, n, 3 * h * d, device=DEVICE).half()
     q, k, v = qkv.chunk(3, dim=-1)
-    out, cmap = capture_triton(q, k, v, h, d ** -0.5, torch.float16)
+    out, data, block_max, row_lse = capture_op(q, k, v, h, d ** -0.5, torch.float16)
     p = probs64(q, k, h, d ** -0.5)
-    assert rel_err(out, merge_heads(p @ split_heads(v.double(), h))) < 2e-3
+    assert rel_err(out, out64(p, v, h)) < 2e-3
+    assert rel_err(cached_pv_op(data, block_max, row_lse, v, h), out64(p, v, h)) < 1e-3
 
 
 def test_custom_ops_registration():
     shape = (1, 2, 16, 16, 16)
     q, k, v = inputs(shape)
     torch.library.opcheck(capture_op, (q, k, v, 2, 0.25, FP8), test_utils=("test_schema", "test_faketensor"))
-    out, amap, rscale = capture_op(q, k, v, 2, 0.25, FP8)
-    torch.library.opcheck(cached_pv_op, (amap, rscale, v, 2), test_utils=("test_schema", "test_faketensor"))
+    _, data, block_max, row_lse = capture_op(q, k, v, 2, 0.25, FP8)
+    torch.library.opcheck(cached_pv_op, (data, block_max, row_lse, v, 2),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
-def test_rejects_unsupported_dtypes():
+def test_public_api_checks_inputs_once():
     q, k, v = inputs((1, 1, 16, 16, 16))
-    with pytest.raises(TypeError, match="fp16, bf16 or fp32 activations"):
-        capture_triton(q.double(), k.double(), v.double(), 1, 0.25, torch.float16)
-    with pytest.raises(TypeError, match="store maps as"):
-        capture_triton(q, k, v, 1, 0.25, torch.int8)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA activations"):
+        capture(q.double().cpu(), k.double().cpu(), v.double().cpu(), 1, 0.25, torch.float16, backend="triton")
+    with pytest.raises(TypeError, match="maps are stored as one of"):
+        capture(q, k, v, 1, 0.25, torch.int8)
+    with pytest.raises(ValueError, match="with 3 heads"):
+        capture(q, k, v, 3, 0.25, torch.float16)
+    _, cmap = capture(q.float().cpu(), k.float().cpu(), v.float().cpu(), 1, 0.25, torch.float16)
+    with pytest.raises(ValueError, match="another batch, resolution or layer"):
+        cached_pv(cmap, v[:, :8].float().cpu(), 1)

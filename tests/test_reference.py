@@ -6,6 +6,7 @@ import torch
 
 from attnreuse.kernels import FP8, CachedMap, cached_pv, capture, storage_nbytes
 from attnreuse.kernels.reference import merge_heads, split_heads
+from attnreuse.kernels.storage import KEY_BLOCK
 from tests.helpers import rel_err
 
 
@@ -42,9 +43,9 @@ def test_capture_then_reuse_matches_float64(shape, map_dtype, bound):
 
 
 def test_fp8_keeps_small_probabilities():
-    """Row-max scaling keeps probabilities far below e4m3's smallest normal number (2**-6).
+    """Block-max scaling keeps probabilities far below e4m3's smallest normal number (2**-6).
 
-    Relative to the row maximum, e4m3 keeps 3 mantissa bits down to 2**-6 / 448 = 3.5e-5 and stays
+    Relative to its block's maximum, e4m3 keeps 3 mantissa bits down to 2**-6 / 448 = 3.5e-5 and stays
     non-zero (subnormal) down to 2**-9 / 448 = 4.4e-6."""
     top = 0.9
     probs = torch.tensor([[[[top, 0.09, 1e-2, 1e-4, 4e-5 * top, 5e-6 * top]]]], dtype=torch.float64)
@@ -54,27 +55,64 @@ def test_fp8_keeps_small_probabilities():
 
 
 def test_fp16_model_with_fp8_map_does_not_overflow():
-    """Scaled fp8 rows sum to ~448·Nk; the product must be formed before casting to fp16."""
+    """Stored fp8 rows sum to ~448·Nk; the product must be formed before casting to fp16."""
     b, h, n, d = 1, 2, 512, 16
-    probs = torch.full((b, h, n, n), 1.0 / n)  # uniform rows: every entry is the row maximum
+    probs = torch.full((b, h, n, n), 1.0 / n)  # uniform rows: every entry is its block's maximum
     v = torch.randn(b, n, h * d).half()
     out = cached_pv(CachedMap.from_probs(probs, FP8), v, h)
     assert torch.isfinite(out).all()
     assert rel_err(out, merge_heads(probs.double() @ split_heads(v.double(), h))) < 3e-2
 
 
+def per_row_fp8(probs):
+    """The previous format, for comparison: e4m3 scaled by the row maximum."""
+    rowmax = probs.amax(-1, keepdim=True)
+    return (probs * (448 / rowmax)).to(FP8).double() * (rowmax / 448)
+
+
+def synthetic_rows(kind, rows=64, keys=4096, seed=0):
+    """Softmax rows of Gaussian logits: diffuse (std 1) or peaked (std 4: a few keys hold most mass)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, 1, rows, keys, generator=g, dtype=torch.float64) * {"diffuse": 1.0, "peaked": 4.0}[kind]
+            ).softmax(-1)
+
+
+@pytest.mark.parametrize("kind", ["diffuse", "peaked"])
+def test_block_format_at_least_as_accurate_as_row_scaling(kind):
+    """On long rows (4096 keys) each key block keeps its own range: the map and A·V are no worse than with
+    one fp8 scale per row, and fp16 stays at fp16's own rounding."""
+    p = synthetic_rows(kind)
+    v = torch.randn(1, 4096, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref = p @ v
+    old = per_row_fp8(p)
+    new = CachedMap.from_probs(p, FP8).dequantize(torch.float64)
+    assert rel_err(new, p) <= rel_err(old, p) and rel_err(new @ v, ref) <= 1.05 * rel_err(old @ v, ref)
+    assert rel_err(new, p) < 3e-2
+    assert rel_err(CachedMap.from_probs(p, torch.float16).dequantize(torch.float64), p) < 3e-4
+
+
+def test_zero_blocks_and_stats():
+    probs = torch.zeros(1, 1, 2, 3 * KEY_BLOCK - 5, dtype=torch.float64)
+    probs[..., :KEY_BLOCK] = 1.0 / KEY_BLOCK  # the other blocks underflowed to zero
+    for dtype in (torch.float32, torch.float16, FP8):
+        cmap = CachedMap.from_probs(probs, dtype)
+        assert cmap.block_max.shape == (1, 1, 3, 2) and cmap.row_lse.shape == (1, 1, 2)
+        assert torch.isneginf(cmap.block_max[:, :, 1:]).all()
+        assert torch.equal(cmap.dequantize(torch.float64), probs)  # powers of two: exact in every dtype
+
+
 def test_storage_validation():
     data = torch.rand(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="needs a per-row scale"):
-        CachedMap(data.to(FP8), None)
-    with pytest.raises(ValueError, match="only an fp8 map"):
-        CachedMap(data, torch.ones(1, 2, 3))
+    bmax, lse = torch.zeros(1, 2, 1, 3), torch.zeros(1, 2, 3)
+    CachedMap(data.to(FP8), bmax, lse)
+    with pytest.raises(ValueError, match="block_max must be"):
+        CachedMap(data, torch.zeros(1, 2, 3, 1), lse)
+    with pytest.raises(ValueError, match="row_lse must be"):
+        CachedMap(data, bmax, lse.double())
     with pytest.raises(ValueError, match="contiguous"):
-        CachedMap(data.transpose(2, 3), None)
+        CachedMap(data.transpose(2, 3), bmax, lse)
     with pytest.raises(TypeError, match="not one of"):
-        CachedMap(data.to(torch.int8), None)
-    with pytest.raises(ValueError, match="scale must be"):
-        CachedMap(data.to(FP8), torch.ones(1, 2, 4))
+        CachedMap(data.to(torch.int8), bmax, lse)
 
 
 def test_map_never_applied_to_other_shapes():

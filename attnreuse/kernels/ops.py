@@ -9,25 +9,32 @@ import functools
 import torch
 
 from .reference import cached_pv_reference, capture_reference
-from .storage import FP8, CachedMap
+from .storage import FP8, STORAGE_DTYPES, CachedMap
 
 BACKENDS = ("auto", "triton", "torch")
 
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, FP8)
+_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAP_DTYPES = _VALUE_DTYPES + (FP8,)
 
 
-def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+def _use_triton(backend: str, values: tuple[torch.Tensor, ...], map_dtype: torch.dtype) -> bool:
     """Whether to run the Triton kernels; ``"triton"`` on tensors they cannot take is an error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: pass one of {BACKENDS}")
     if backend == "torch":
         return False
-    usable = all(t.is_cuda and t.dtype in _TRITON_DTYPES for t in tensors)
+    usable = all(t.is_cuda and t.dtype in _VALUE_DTYPES for t in values) and map_dtype in _MAP_DTYPES
     if backend == "triton" and not usable:
-        raise ValueError("backend='triton' needs CUDA tensors in fp16, bf16 or fp32 (maps also fp8); got "
-                         f"{sorted({f'{t.device.type} {t.dtype}' for t in tensors})}: use backend='auto' or 'torch'")
+        raise ValueError("backend='triton' needs CUDA activations in fp16, bf16 or fp32 and maps in those or fp8; "
+                         f"got {sorted({f'{t.device.type} {t.dtype}' for t in values})} and a {map_dtype} map: "
+                         "use backend='auto' or 'torch'")
     return usable and backend_available()
+
+
+def _check_heads(x: torch.Tensor, heads: int, what: str) -> None:
+    if x.dim() != 3 or x.shape[-1] % heads:
+        raise ValueError(f"{what}: expected [batch, tokens, heads*head_dim] with {heads} heads, got {tuple(x.shape)}")
 
 
 @functools.cache
@@ -46,20 +53,30 @@ def capture(q, k, v, heads: int, scale: float, map_dtype: torch.dtype, mask=None
     ``q``: ``[B, Nq, H·D]``; ``k``, ``v``: ``[B, Nk, H·D]``. Returns ``(out [B, Nq, H·D], CachedMap)``.
     A ``mask`` always takes the reference path (diffusers UNets pass none to self/cross-attention).
     """
-    if mask is None and map_dtype in _TRITON_DTYPES and _use_triton(backend, q, k, v):
-        from .triton_ops import capture_triton
-        return capture_triton(q, k, v, heads, scale, map_dtype)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_heads(x, heads, name)
+    if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need the same batch "
+                         "and tokens, q and k the same batch and width")
+    if map_dtype not in STORAGE_DTYPES:
+        raise TypeError(f"maps are stored as one of {STORAGE_DTYPES}, not {map_dtype}")
+    if mask is None and _use_triton(backend, (q, k, v), map_dtype):
+        out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), map_dtype)
+        return out, CachedMap(data.view(map_dtype), block_max, row_lse)
     return capture_reference(q, k, v, heads, scale, map_dtype, mask)
 
 
 def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto") -> torch.Tensor:
     """``A · V`` for the cached map ``A``; ``v``: ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]`` in ``v.dtype``."""
-    b, nk, hd = v.shape
-    if cmap.shape[0] != b or cmap.shape[1] != heads or cmap.shape[3] != nk or hd % heads:
+    _check_heads(v, heads, "v")
+    b, nk, _ = v.shape
+    if cmap.shape[0] != b or cmap.shape[1] != heads or cmap.shape[3] != nk:
         raise ValueError(
             f"cached map of shape {tuple(cmap.shape)} cannot multiply values of shape {tuple(v.shape)} "
             f"with {heads} heads: the map belongs to another batch, resolution or layer")
-    if _use_triton(backend, cmap.data, v):
-        from .triton_ops import cached_pv_triton
-        return cached_pv_triton(cmap, v, heads)
+    if cmap.data.device != v.device:
+        raise ValueError(f"cached map on {cmap.data.device}, values on {v.device}: move one of them")
+    if _use_triton(backend, (v,), cmap.dtype):
+        data = cmap.data.view(torch.uint8) if cmap.dtype == FP8 else cmap.data  # fp8 crosses the op as bytes
+        return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads)
     return cached_pv_reference(cmap, v, heads)

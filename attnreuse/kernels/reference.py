@@ -40,10 +40,10 @@ def capture_reference(q, k, v, heads: int, scale: float, map_dtype: torch.dtype,
 
 
 def cached_pv_reference(cmap: CachedMap, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``A · V`` for a cached map ``A``, in ``v.dtype`` and layout ``[B, Nq, H·D]``."""
-    vh = split_heads(v, heads)
-    if cmap.scale is None:
-        out = torch.matmul(cmap.data.to(v.dtype), vh)
-    else:  # scaled fp8 rows sum to far more than one: accumulate in fp32, rescale, then cast
-        out = (torch.matmul(cmap.data.float(), vh.float()) * cmap.scale.unsqueeze(-1)).to(v.dtype)
-    return merge_heads(out)
+    """``A · V`` for a cached map ``A``, in ``v.dtype`` and layout ``[B, Nq, H·D]``.
+
+    Accumulates in fp32 (fp64 for fp64 maps or values), as the kernels do: a stored block is relative to its
+    own maximum, so its normalisation happens in the per-block factor, outside the low-precision operands."""
+    acc = torch.promote_types(torch.promote_types(v.dtype, torch.float32), cmap.block_max.dtype)
+    out = torch.matmul(cmap.dequantize(acc), split_heads(v, heads).to(acc))
+    return merge_heads(out.to(v.dtype))

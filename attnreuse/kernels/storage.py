@@ -1,15 +1,27 @@
 """The one storage format for cached attention maps, shared by the PyTorch reference and the kernels.
 
-A map ``A = softmax(Q Kᵀ · scale)`` of shape ``[batch, heads, q_tokens, kv_tokens]`` is stored as
+A map ``A = softmax(S)`` (``S = Q Kᵀ · scale``) of shape ``[batch, heads, q_tokens, kv_tokens]`` is cut into
+key blocks of ``KEY_BLOCK`` keys and stored, for every map dtype, as three tensors:
 
-* ``data``: ``A`` itself in fp64/fp32/fp16/bf16 (``scale is None``), or
-* ``data``: ``A / rowmax(A) · 448`` in fp8 e4m3 and ``scale = rowmax(A) / 448`` (fp32, one per row),
-  so that ``A = data · scale[..., None]``. Factoring out the row maximum puts every row's largest
-  probability at the top of the e4m3 range, so probabilities down to ~1e-5 of the row maximum survive
-  instead of flushing to zero.
+* ``data`` ``[B, H, Nq, Nk]``: ``exp2(s − m_blk) · TOP[dtype]`` in the map dtype, where ``s = S·log2 e`` and
+  ``m_blk`` is the maximum of ``s`` over the row's key block. Each block is relative to ITS OWN maximum, so
+  its largest entry sits at the top of the dtype's range (``TOP`` = 448 for fp8 e4m3, 1 otherwise) and no
+  block loses range to a larger block elsewhere in the row.
+* ``block_max`` ``[B, H, NB, Nq]`` fp32: ``m_blk`` (log2 domain, ``-inf`` for a block of zeros), with
+  ``NB = ceil(Nk / KEY_BLOCK)``; query rows innermost, so a kernel tile loads its rows' values of one key
+  block as one contiguous vector.
+* ``row_lse`` ``[B, H, Nq]`` fp32: ``log2 Σ exp2(s)`` over the whole row.
 
-Both tensors are contiguous. The fp8 scale makes ``A·V = (data·V) · scale``: kernels apply it once per
-output row, after the matmul.
+so that ``A[.., j] = data[.., j] · exp2(block_max[blk(j)] − row_lse) / TOP``: one factor per (row, key block),
+applied to each block's partial product ``data_blk · V_blk`` in fp32 (never inside fp16 operands, where
+``1/l`` would underflow). A capture kernel produces this in one pass over K (flash-style): each block's
+maximum is local, the row's log-sum-exp is known at the end. ``from_probs`` encodes normalised
+probabilities the same way (``block_max = log2(block max)``, ``row_lse = 0``).
+
+``KEY_BLOCK = 128``: a tile row of an fp8 map is then one 128-byte line; the statistics cost 4 B per 128 keys
+(3 % of an fp8 map); 128 is the key tile of one-pass attention kernels for head dims up to 128; and one
+scale per 128 keys keeps long diffuse rows as accurate as fp16 scaling would (see bench/KERNEL_NOTES.md).
+fp64 maps (statistics in fp64) are for the PyTorch reference only.
 """
 from __future__ import annotations
 
@@ -19,7 +31,21 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
+KEY_BLOCK = 128
 STORAGE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, FP8)
+
+
+def top(dtype: torch.dtype) -> float:
+    """The value a block's largest entry is stored as."""
+    return FP8_MAX if dtype == FP8 else 1.0
+
+
+def num_blocks(kv_tokens: int) -> int:
+    return -(-kv_tokens // KEY_BLOCK)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -27,20 +53,21 @@ class CachedMap:
     """An attention map in storage format: see the module docstring."""
 
     data: torch.Tensor  # [batch, heads, q_tokens, kv_tokens]
-    scale: torch.Tensor | None  # [batch, heads, q_tokens] fp32 for fp8 data, else None
+    block_max: torch.Tensor  # [batch, heads, key blocks, q_tokens], log2 domain
+    row_lse: torch.Tensor  # [batch, heads, q_tokens], log2 domain
 
     def __post_init__(self):
         if self.data.dtype not in STORAGE_DTYPES:
             raise TypeError(f"cached map dtype {self.data.dtype} is not one of {STORAGE_DTYPES}")
         if self.data.dim() != 4 or not self.data.is_contiguous():
             raise ValueError("cached map data must be a contiguous [batch, heads, q_tokens, kv_tokens] tensor")
-        if (self.data.dtype == FP8) != (self.scale is not None):
-            raise ValueError("an fp8 map needs a per-row scale, and only an fp8 map has one")
-        if self.scale is not None and (
-            self.scale.shape != self.data.shape[:3] or self.scale.dtype != torch.float32
-            or not self.scale.is_contiguous()
-        ):
-            raise ValueError("scale must be a contiguous fp32 [batch, heads, q_tokens] tensor")
+        b, h, nq, nk = self.data.shape
+        sd = _stats_dtype(self.data.dtype)
+        for name, t, shape in (("block_max", self.block_max, (b, h, num_blocks(nk), nq)),
+                               ("row_lse", self.row_lse, (b, h, nq))):
+            if tuple(t.shape) != shape or t.dtype != sd or not t.is_contiguous() or t.device != self.data.device:
+                raise ValueError(f"{name} must be a contiguous {sd} tensor of shape {shape} on {self.data.device}, "
+                                 f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
     @property
     def shape(self) -> torch.Size:
@@ -52,27 +79,40 @@ class CachedMap:
 
     @property
     def nbytes(self) -> int:
-        scale_bytes = 0 if self.scale is None else self.scale.nbytes
-        return self.data.nbytes + scale_bytes
+        return self.data.nbytes + self.block_max.nbytes + self.row_lse.nbytes
+
+    def factors(self) -> torch.Tensor:
+        """``exp2(block_max − row_lse) / TOP`` as ``[B, H, Nq, NB]``: what multiplies each block's data."""
+        f = torch.exp2(self.block_max - self.row_lse.unsqueeze(2)) / top(self.dtype)
+        return f.transpose(2, 3)
 
     @classmethod
     def from_probs(cls, probs: torch.Tensor, dtype: torch.dtype) -> "CachedMap":
         """Store normalised probabilities ``probs`` ([B, H, Nq, Nk], any float dtype) as ``dtype``."""
-        if dtype != FP8:
-            return cls(probs.to(dtype).contiguous(), None)
-        rowmax = probs.float().amax(dim=-1)  # > 0: a softmax row sums to one
-        data = (probs.float() * (FP8_MAX / rowmax).unsqueeze(-1)).to(FP8).contiguous()
-        return cls(data, (rowmax / FP8_MAX).contiguous())
+        if dtype not in STORAGE_DTYPES:
+            raise TypeError(f"cached map dtype {dtype} is not one of {STORAGE_DTYPES}")
+        b, h, nq, nk = probs.shape
+        nb = num_blocks(nk)
+        sd = _stats_dtype(dtype)
+        p = torch.nn.functional.pad(probs.to(sd), (0, nb * KEY_BLOCK - nk)).view(b, h, nq, nb, KEY_BLOCK)
+        bmax = p.amax(-1, keepdim=True)  # 0 for a block whose probabilities all underflowed
+        rel = torch.where(bmax > 0, p / bmax, 0.0) * top(dtype)
+        data = rel.view(b, h, nq, nb * KEY_BLOCK)[..., :nk].to(dtype).contiguous()
+        block_max = torch.log2(bmax.squeeze(-1)).transpose(2, 3).contiguous()  # -inf for a zero block
+        return cls(data, block_max, probs.new_zeros((b, h, nq), dtype=sd))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The map as probabilities in ``dtype`` (materialises a full copy: for tests and references)."""
-        if self.scale is None:
-            return self.data.to(dtype)
-        return (self.data.float() * self.scale.unsqueeze(-1)).to(dtype)
+        nk = self.shape[-1]
+        sd = _stats_dtype(self.dtype)
+        f = self.factors().repeat_interleave(KEY_BLOCK, dim=-1)[..., :nk]
+        return (self.data.to(sd) * f).to(dtype)
 
 
 def storage_nbytes(batch: int, heads: int, q_tokens: int, kv_tokens: int, dtype: torch.dtype) -> int:
-    """Bytes one map of this shape occupies in storage format (data plus fp8 row scales)."""
+    """Bytes one map of this shape occupies in storage format (data plus per-block and per-row statistics)."""
     rows = batch * heads * q_tokens
     elem = torch.empty((), dtype=dtype).element_size()
-    return rows * kv_tokens * elem + (rows * 4 if dtype == FP8 else 0)
+    stat = torch.empty((), dtype=_stats_dtype(dtype)).element_size()
+    return rows * kv_tokens * elem + rows * (num_blocks(kv_tokens) + 1) * stat
+

@@ -1,7 +1,8 @@
-"""The Triton kernels as ``torch.library`` custom ops (so ``torch.compile`` and CUDA graphs see them).
-
-Input normalisation lives here, once: head dims of any size (the kernels mask up to the next power of
-two), any strides with a unit stride along the head dim, fp8 maps passed as bytes.
+"""The Triton kernels as ``torch.library`` custom ops (so ``torch.compile`` and CUDA graphs see them), and their
+launches. Inputs are checked once, in :mod:`.ops`; here they are only laid out for the kernels: ``[B, N, H·D]``
+seen as ``[B, N, H, D]`` through strides, head dims masked up to a power of two. fp8 maps cross the op
+boundary as uint8 bytes (``CachedMap.data.view(torch.uint8)``): PyTorch's CPU kernels, which the op checks
+run, know no arithmetic on fp8.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
-from .storage import FP8, CachedMap
+from .storage import FP8, FP8_MAX, num_blocks, top
+from .tuning import Config, block_d, cached_pv_config, capture_config
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 VALUE_DTYPES = tuple(_DOT)
+MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8)
 
 
 def _dot_dtype(*dtypes: torch.dtype):
@@ -27,115 +30,91 @@ def _dot_dtype(*dtypes: torch.dtype):
 
 def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, N, H·D]`` -> ``[B, N, H, D]`` with a unit stride along D."""
-    if x.dim() != 3 or x.shape[-1] % heads:
-        raise ValueError(f"expected [batch, tokens, heads*head_dim] with {heads} heads, got {tuple(x.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     return x.unflatten(-1, (heads, x.shape[-1] // heads))
 
 
-def _check_values(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if t.dtype not in VALUE_DTYPES:
-            raise TypeError(f"Triton kernels take fp16, bf16 or fp32 activations, got {t.dtype}; "
-                            "use backend='torch' for other dtypes")
-
-
-def _grid(nq: int, bh: int):
-    return lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), bh)
-
-
-def cached_pv_into(out: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None, v: torch.Tensor,
-                   heads: int) -> None:
-    """Launch ``cached_pv`` writing into ``out`` ``[B, Nq, H·D]``; ``data`` fp8 maps as uint8 bytes with
-    their row ``scale``, other maps with ``scale=None``."""
+def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, config: Config | None = None) -> None:
+    """``out`` ``[B, Nq, H·D]`` = the map (``data``, ``block_max``, ``row_lse``) times ``v`` ``[B, Nk, H·D]``.
+    ``data``: fp32/fp16/bf16, or fp8 as FP8 or as its uint8 bytes."""
     b, h, nq, nk = data.shape
     v4 = _heads_view(v, heads)
     d = v4.shape[-1]
     o4 = out.view(b, nq, h, d)
-    is_fp8 = data.dtype == torch.uint8
-    dot_dtype, precision = _dot_dtype(v.dtype, torch.float16 if is_fp8 else data.dtype)
-    sb, sh = (scale.stride(0), scale.stride(1)) if is_fp8 else (0, 0)
-    tk.cached_pv[_grid(nq, b * h)](
-        data, scale if is_fp8 else data, v4, o4,  # without fp8 the scale pointer is never read
-        data.stride(0), data.stride(1), data.stride(2), sb, sh,
+    data = data.view(torch.uint8) if data.dtype == FP8 else data
+    fp8 = data.dtype == torch.uint8
+    map_dtype = FP8 if fp8 else data.dtype
+    config = config or cached_pv_config(d, nq, map_dtype)
+    dot_dtype, precision = _dot_dtype(v.dtype, torch.float16 if fp8 else data.dtype)
+    tk.cached_pv_kernel[(triton.cdiv(nq, config.block_m), b * h)](
+        data, block_max, row_lse, v4, o4,
+        data.stride(0), data.stride(1), data.stride(2), block_max.stride(0), block_max.stride(1), block_max.stride(2),
+        row_lse.stride(0), row_lse.stride(1),
         v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
         h, nq, nk, d,
-        IS_FP8=is_fp8, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), **tk.FIXED_CONFIG)
+        OUT_SCALE=256.0 / FP8_MAX if fp8 else 1.0 / top(map_dtype), FP8_BYTES=fp8, NATIVE_FP8=config.native_fp8,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_D=block_d(d), **config.launch_args())
 
 
-@torch.library.custom_op("attnreuse::cached_pv", mutates_args=())
-def cached_pv_op(data: torch.Tensor, scale: torch.Tensor | None, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``data``: map ``[B, H, Nq, Nk]`` (fp8 as uint8 bytes); ``scale``: ``[B, H, Nq]`` fp32 for fp8, else None."""
-    out = v.new_empty(v.shape[0], data.shape[2], v.shape[2])
-    cached_pv_into(out, data, scale, v, heads)
-    return out
-
-
-@cached_pv_op.register_fake
-def _(data, scale, v, heads):
-    return v.new_empty(v.shape[0], data.shape[2], v.shape[2])
-
-
-def capture_into(out, amap, rscale, q, k, v, heads: int, scale: float) -> None:
-    """Launch ``capture`` writing ``out`` ``[B, Nq, H·D]``, ``amap`` ``[B, H, Nq, Nk]`` (uint8 for fp8) and,
-    for fp8, ``rscale`` ``[B, H, Nq]``."""
+def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: float,
+                   config: Config | None = None) -> None:
+    """Attention of ``q``, ``k``, ``v`` into ``out``, its map into ``data`` (fp8: FP8 or uint8), ``block_max``,
+    ``row_lse``."""
     q4, k4, v4 = (_heads_view(x, heads) for x in (q, k, v))
     b, nq, h, d = q4.shape
     nk = k4.shape[1]
     o4 = out.view(b, nq, h, d)
-    is_fp8 = amap.dtype == torch.uint8
-    sb, sh = (rscale.stride(0), rscale.stride(1)) if is_fp8 else (0, 0)
+    data = data.view(torch.uint8) if data.dtype == FP8 else data
+    fp8 = data.dtype == torch.uint8
+    config = config or capture_config(d, nq, FP8 if fp8 else data.dtype)
     dot_dtype, precision = _dot_dtype(q.dtype, k.dtype, v.dtype)
-    tk.capture[_grid(nq, b * h)](
-        q4, k4, v4, o4, amap, rscale,
+    tk.capture_kernel[(triton.cdiv(nq, config.block_m), b * h)](
+        q4, k4, v4, o4, data, block_max, row_lse,
         q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
         v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
-        amap.stride(0), amap.stride(1), amap.stride(2), sb, sh,
+        data.stride(0), data.stride(1), data.stride(2), block_max.stride(0), block_max.stride(1), block_max.stride(2),
+        row_lse.stride(0), row_lse.stride(1),
         scale * math.log2(math.e), h, nq, nk, d,
-        IS_FP8=is_fp8, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        BLOCK_D=max(16, triton.next_power_of_2(d)), **tk.FIXED_CONFIG)
+        FP8_BYTES=fp8, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_D=block_d(d),
+        **config.launch_args())
 
 
-def _capture_buffers(q, k, v, heads: int, map_dtype: torch.dtype):
+@torch.library.custom_op("attnreuse::cached_pv", mutates_args=())
+def cached_pv_op(data: torch.Tensor, block_max: torch.Tensor, row_lse: torch.Tensor, v: torch.Tensor,
+                 heads: int) -> torch.Tensor:
+    """A cached map (the three tensors of :class:`.CachedMap`, fp8 data as uint8) times ``v`` ``[B, Nk, H·D]``
+    -> ``[B, Nq, H·D]``."""
+    out = v.new_empty(v.shape[0], data.shape[2], v.shape[2])
+    launch_cached_pv(out, data, block_max, row_lse, v, heads)
+    return out
+
+
+@cached_pv_op.register_fake
+def _(data, block_max, row_lse, v, heads):
+    return v.new_empty(v.shape[0], data.shape[2], v.shape[2])
+
+
+def capture_buffers(q, k, v, heads: int, map_dtype: torch.dtype):
+    """Uninitialised ``(out, data, block_max, row_lse)`` for a capture (fp8 data as uint8)."""
     b, nq, hd = q.shape
-    is_fp8 = map_dtype == FP8
-    out = v.new_empty(b, nq, hd)
-    amap = q.new_empty(b, heads, nq, k.shape[1], dtype=torch.uint8 if is_fp8 else map_dtype)
-    rscale = q.new_empty((b, heads, nq) if is_fp8 else (0,), dtype=torch.float32)
-    return out, amap, rscale
+    nk = k.shape[1]
+    data_dtype = torch.uint8 if map_dtype == FP8 else map_dtype
+    return (v.new_empty(b, nq, v.shape[2]), q.new_empty(b, heads, nq, nk, dtype=data_dtype),
+            q.new_empty(b, heads, num_blocks(nk), nq, dtype=torch.float32),
+            q.new_empty(b, heads, nq, dtype=torch.float32))
 
 
 @torch.library.custom_op("attnreuse::capture", mutates_args=())
 def capture_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-               map_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(out [B, Nq, H·D], map [B, H, Nq, Nk] (fp8 as uint8), row scales [B, H, Nq] or empty)``."""
-    out, amap, rscale = _capture_buffers(q, k, v, heads, map_dtype)
-    capture_into(out, amap, rscale, q, k, v, heads, scale)
-    return out, amap, rscale
+               map_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out [B, Nq, H·D], data [B, H, Nq, Nk] (fp8 as uint8), block_max [B, H, NB, Nq],
+    row_lse [B, H, Nq])``."""
+    bufs = capture_buffers(q, k, v, heads, map_dtype)
+    launch_capture(*bufs, q, k, v, heads, scale)
+    return bufs
 
 
 @capture_op.register_fake
 def _(q, k, v, heads, scale, map_dtype):
-    return _capture_buffers(q, k, v, heads, map_dtype)
-
-
-def cached_pv_triton(cmap: CachedMap, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``A · V`` with the Triton kernel; ``v``: ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]``."""
-    _check_values(v)
-    if cmap.dtype == torch.float64:
-        raise TypeError("Triton kernels do not take fp64 maps; use backend='torch'")
-    data = cmap.data.view(torch.uint8) if cmap.dtype == FP8 else cmap.data
-    return cached_pv_op(data, cmap.scale, v, heads)
-
-
-def capture_triton(q, k, v, heads: int, scale: float, map_dtype: torch.dtype):
-    """Attention output and its map (see :func:`attnreuse.kernels.capture`) with the Triton kernel."""
-    _check_values(q, k, v)
-    if map_dtype not in (FP8,) + VALUE_DTYPES:
-        raise TypeError(f"Triton kernels store maps as fp8, fp16, bf16 or fp32, not {map_dtype}")
-    out, amap, rscale = capture_op(q, k, v, heads, float(scale), map_dtype)
-    if map_dtype == FP8:
-        return out, CachedMap(amap.view(FP8), rscale)
-    return out, CachedMap(amap, None)
+    return capture_buffers(q, k, v, heads, map_dtype)
