@@ -17,6 +17,33 @@ SHAPES = {
 }
 
 
+# Attention layers of the public UNet configs (bench/e2e.py CONFIGS): per resolution level, channels and heads;
+# which levels hold transformer blocks (self- + cross-attention each), how many blocks per level (down + up),
+# and the mid block's level. Context: 77 text tokens.
+MODELS = {
+    "sd15": dict(channels=(320, 640, 1280, 1280), heads=(8, 8, 8, 8), blocks={0: 5, 1: 5, 2: 5}, mid=3),
+    "sd21": dict(channels=(320, 640, 1280, 1280), heads=(5, 10, 20, 20), blocks={0: 5, 1: 5, 2: 5}, mid=3),
+    "sdxl": dict(channels=(320, 640, 1280), heads=(5, 10, 20), blocks={1: 2 * 2 + 3 * 2, 2: 2 * 10 + 3 * 10}, mid=2,
+                 mid_blocks=10),
+}
+TEXT_TOKENS = 77
+
+
+def model_attention_shapes(model: str, px: int, batch: int = 2) -> dict[tuple, int]:
+    """``{(batch, heads, q tokens, kv tokens, head dim): number of layers}`` for one UNet call at ``px``²."""
+    m = MODELS[model]
+    counts = dict(m["blocks"])
+    counts[m["mid"]] = counts.get(m["mid"], 0) + m.get("mid_blocks", 1)
+    shapes: dict[tuple, int] = {}
+    for level, n in sorted(counts.items()):
+        heads = m["heads"][level]
+        tokens = (px // 8 >> level) ** 2
+        for kv in (tokens, TEXT_TOKENS):
+            key = (batch, heads, tokens, kv, m["channels"][level] // heads)
+            shapes[key] = shapes.get(key, 0) + n
+    return shapes
+
+
 def median_ms(fn, device: torch.device | str, reps: int = 10) -> float:
     """Median milliseconds of ``fn()`` on ``device`` (CUDA events on a GPU), after one warm-up call."""
     device = torch.device(device)

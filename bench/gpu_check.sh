@@ -1,13 +1,48 @@
 #!/usr/bin/env bash
-# One GPU session, start to finish: correctness first, then every timing, a short table last.
-# On the lent device machine: bash bench/gpu_check.sh  (details land in $OUT, or ./out without it).
-# Fits one 10-minute command (150 + 180 + 240 s at most); E2E_CASES="sdxl:1024 sd15:768 sd21:768" for the rest.
+# One GPU session, start to finish, in at most 6 minutes on a fresh machine (compilation included):
+# GPU tests, the kernel table (all shapes + the SD1.5 512² whole-generation line), the SD1.5 512² and SDXL
+# 1024² end-to-end rows; the kernel and e2e tables last, then the card's name.
+#
+# The device machine lacks diffusers and sageattention: on this side run ../shared/device/wheels.sh once from
+# the project root (it fills .whl/), then begin the device command with the line it prints, e.g.
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+#     export PYTHONPATH=/tmp/site:$PWD || exit 1; bash bench/gpu_check.sh
+# (carry .whl along). Files land in $OUT (./out without it).
+#
+#   bash bench/gpu_check.sh          the check (tests 100 s + kernels 150 s + e2e 110 s at most)
+#   bash bench/gpu_check.sh sweep    config variants on the three shapes, then ncu on fp8 cached_pv
 set -uo pipefail
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv | tee "$out/gpu.txt"
-timeout 150 python -m pytest -q -x tests/test_kernels.py tests/test_gpu.py 2>&1 | tail -n 15 | tee "$out/tests.txt"
-timeout 180 python bench/kernel_table.py --json "$out/kernels.json" 2>&1 | tee "$out/kernels.txt" | tail -n 9
-timeout 240 python bench/e2e.py --json "$out/e2e.json" --cases ${E2E_CASES:-sd15:512 sd15:1024} \
-    2>&1 | tee "$out/e2e.txt" | tail -n 5
+card() { nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader; }
+card > "$out/gpu.txt"
+
+if [ "${1:-check}" = sweep ]; then
+    timeout 300 python bench/kernel_table.py --sweep --shapes sd15_64x64_self sdxl_64x64_self sd15_1024px_self \
+        --json "$out/sweep.json" 2>&1 | tee "$out/sweep.txt"
+    if command -v ncu > /dev/null; then
+        timeout 150 ncu --kernel-name regex:cached_pv --launch-skip 1 --launch-count 1 --set full \
+            -o "$out/pv8" -f python bench/kernel_table.py --single pv8 --shapes sd15_64x64_self > "$out/ncu.txt" 2>&1
+        ncu --import "$out/pv8.ncu-rep" --page details --section SpeedOfLight --section MemoryWorkloadAnalysis \
+            --section WarpStateStats 2>&1 | tail -n 60
+    fi
+    card
+    exit 0
+fi
+
+t0=$SECONDS
+timeout 100 python -m pytest -q -x tests/test_kernels.py tests/test_gpu.py > "$out/tests.txt" 2>&1
+echo "tests: exit $? in $((SECONDS - t0)) s" | tee -a "$out/tests.txt"
+t1=$SECONDS
+timeout 150 python bench/kernel_table.py --json "$out/kernels.json" > "$out/kernels.txt" 2>&1
+echo "kernel table: exit $? in $((SECONDS - t1)) s" >> "$out/kernels.txt"
+t2=$SECONDS
+timeout 110 python bench/e2e.py --json "$out/e2e.json" --cases sd15:512 sdxl:1024 > "$out/e2e.txt" 2>&1
+echo "e2e: exit $? in $((SECONDS - t2)) s" >> "$out/e2e.txt"
+
+tail -n 3 "$out/tests.txt"
+echo; grep -v '^{' "$out/kernels.txt" | grep -v '^sd[0-9a-z_]* {' | tail -n 22
+echo; tail -n 14 "$out/e2e.txt"
+echo "total $((SECONDS - t0)) s"
+card

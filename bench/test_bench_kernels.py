@@ -1,22 +1,23 @@
-"""Kernel microbenchmarks (pytest-benchmark): ``pytest bench --benchmark-json=kernels.json``. Need a GPU."""
+"""Kernel microbenchmarks (pytest-benchmark): ``pytest bench --benchmark-json=kernels.json``. Need a GPU;
+the whole-generation arithmetic of the kernel table is checked on any machine."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
+from attnreuse.harness import SHAPES, model_attention_shapes
 
-from attnreuse.harness import SHAPES
-
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 BENCHED = ("sd15_64x64_self", "sd15_64x64_cross", "sdxl_32x32_self")
+MAP_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 def timed(benchmark, fn):
     def run():
         fn()
         torch.cuda.synchronize()
-    run()  # compile / autotune outside the measurement
+    run()  # compile outside the measurement
     benchmark.pedantic(run, rounds=50, warmup_rounds=5)
 
 
@@ -27,6 +28,7 @@ def qkv(request):
     return q, k, v, h, d ** -0.5
 
 
+@gpu
 def test_sdpa(benchmark, qkv):
     from attnreuse.kernels.reference import split_heads
     q, k, v, h, _ = qkv
@@ -34,19 +36,30 @@ def test_sdpa(benchmark, qkv):
     timed(benchmark, lambda: F.scaled_dot_product_attention(qh, kh, vh))
 
 
-@pytest.mark.parametrize("map_dtype", ["fp16", "fp8"])
+@gpu
+@pytest.mark.parametrize("map_dtype", list(MAP_DTYPES))
 def test_capture(benchmark, qkv, map_dtype):
-    from attnreuse.kernels import FP8
-    from attnreuse.kernels.triton_ops import capture_triton
+    from attnreuse.kernels import capture
     q, k, v, h, scale = qkv
-    dtype = FP8 if map_dtype == "fp8" else torch.float16
-    timed(benchmark, lambda: capture_triton(q, k, v, h, scale, dtype))
+    timed(benchmark, lambda: capture(q, k, v, h, scale, MAP_DTYPES[map_dtype], backend="triton"))
 
 
-@pytest.mark.parametrize("map_dtype", ["fp16", "fp8"])
+@gpu
+@pytest.mark.parametrize("map_dtype", list(MAP_DTYPES))
 def test_cached_pv(benchmark, qkv, map_dtype):
-    from attnreuse.kernels import FP8
-    from attnreuse.kernels.triton_ops import cached_pv_triton, capture_triton
+    from attnreuse.kernels import cached_pv, capture
     q, k, v, h, scale = qkv
-    _, cmap = capture_triton(q, k, v, h, scale, FP8 if map_dtype == "fp8" else torch.float16)
-    timed(benchmark, lambda: cached_pv_triton(cmap, v, h))
+    _, cmap = capture(q, k, v, h, scale, MAP_DTYPES[map_dtype], backend="triton")
+    timed(benchmark, lambda: cached_pv(cmap, v, h, backend="triton"))
+
+
+def test_generation_line_counts_steps_by_schedule():
+    """HURRY-10: 9 plain, 1 capture, 10 reuse steps; PHAST-10 (11111111010001000000): 7, 3, 10."""
+    from bench.kernel_table import generation
+    row = {"sdpa_ms": 1.0, "sage_ms": 0.5, "sage_note": "", "capture16_ms": 3.0, "pv16_ms": 0.9,
+           "capture8_ms": 3.0, "pv8_ms": 0.4}
+    layers = sum(model_attention_shapes("sd15", 512).values())
+    g = generation(1e12, {s: row for s in model_attention_shapes("sd15", 512)})
+    assert layers == 32 and g["sdpa_ms"] == 20 * layers and g["sage_ms"] == 10 * layers
+    assert g["HURRY-10_fp8_ms"] == pytest.approx(layers * (9 + 3 + 10 * 0.4))
+    assert g["PHAST-10_fp16_ms"] == pytest.approx(layers * (7 + 3 * 3 + 10 * 0.9))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnreuse
+from attnreuse.harness import graphed
 from tests.helpers import make_unet, sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,28 +31,26 @@ def test_all_compute_is_bit_identical_on_gpu():
 
 
 def test_kernels_under_torch_compile_and_cuda_graphs():
-    from attnreuse.kernels import FP8
-    from attnreuse.kernels.triton_ops import cached_pv_op, cached_pv_triton, capture_op, capture_triton
+    from attnreuse.kernels import FP8, cached_pv, capture
 
-    b, h, n, d = 2, 4, 256, 40
+    b, h, n, d = 2, 4, 300, 40
     q, k, v = (torch.randn(b, n, h * d, device="cuda", dtype=torch.float16) for _ in range(3))
-    _, ref_map = capture_triton(q, k, v, h, d ** -0.5, FP8)
-    ref_pv = cached_pv_triton(ref_map, v, h)
+    _, ref_map = capture(q, k, v, h, d ** -0.5, FP8, backend="triton")
+    ref_pv = cached_pv(ref_map, v, h, backend="triton")
 
     def reuse(q, k, v):
-        _, amap, rscale = capture_op(q, k, v, h, d ** -0.5, FP8)
-        return cached_pv_op(amap, rscale, v, h)
+        _, cmap = capture(q, k, v, h, d ** -0.5, FP8, backend="triton")
+        return cached_pv(cmap, v, h, backend="triton")
 
     assert torch.equal(torch.compile(reuse, fullgraph=True)(q, k, v), ref_pv)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        cached_pv_triton(ref_map, v, h)  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = cached_pv_triton(ref_map, v, h)
+    out = None
+
+    def step():
+        nonlocal out
+        out = cached_pv(ref_map, v, h, backend="triton")
+
+    graph = graphed(step)
     v.copy_(torch.randn_like(v))
     graph.replay()
-    assert torch.equal(out, cached_pv_triton(ref_map, v, h))
+    assert torch.equal(out, cached_pv(ref_map, v, h, backend="triton"))

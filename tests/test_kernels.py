@@ -140,3 +140,27 @@ def test_public_api_checks_inputs_once():
     _, cmap = capture(q.float().cpu(), k.float().cpu(), v.float().cpu(), 1, 0.25, torch.float16)
     with pytest.raises(ValueError, match="another batch, resolution or layer"):
         cached_pv(cmap, v[:, :8].float().cpu(), 1)
+
+
+def test_public_api_compiles_without_graph_breaks(monkeypatch):
+    """The path a patched UNet takes under torch.compile: validation, the ops, CachedMap, in one graph."""
+    from attnreuse.kernels import ops
+    monkeypatch.setattr(ops, "_use_triton", lambda *args: True)  # the Triton path on CPU tensors (interpreter)
+    shape = (1, 2, 20, 30, 16)
+    q, k, v = inputs(shape)
+
+    def step(q, k, v):
+        _, cmap = capture(q, k, v, 2, 0.25, FP8)
+        return cached_pv(cmap, v, 2)
+
+    assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(q, k, v), step(q, k, v))
+
+
+def test_warmup_needs_cuda_and_checks_arguments(monkeypatch, capsys):
+    from attnreuse import warmup
+    with pytest.raises(SystemExit):
+        warmup.main(["--resolution", "500"])
+    assert "multiple of 64" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        warmup.main(["--model", "sdxl", "--resolution", "1024", "--cache-dtype", "fp8", "fp16"])

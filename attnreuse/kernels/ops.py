@@ -37,6 +37,7 @@ def _check_heads(x: torch.Tensor, heads: int, what: str) -> None:
         raise ValueError(f"{what}: expected [batch, tokens, heads*head_dim] with {heads} heads, got {tuple(x.shape)}")
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as a constant instead of tracing it
 @functools.cache
 def backend_available() -> bool:
     """Whether the Triton kernels can run here (Triton importable and a CUDA device present)."""
