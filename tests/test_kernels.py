@@ -164,3 +164,18 @@ def test_warmup_needs_cuda_and_checks_arguments(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         warmup.main(["--model", "sdxl", "--resolution", "1024", "--cache-dtype", "fp8", "fp16"])
+
+
+@pytest.mark.parametrize("variant", ["no_split", "native_fp8"])
+def test_cached_pv_variants(variant):
+    """The config variants a GPU sweep may pick compute the same product."""
+    from attnreuse.kernels.tuning import VARIANTS, cached_pv_config
+    shape = (1, 2, 33, 150, 80)
+    b, h, nq, nk, d = shape
+    q, k, v = inputs(shape, seed=3)
+    p = probs64(q, k, h, d ** -0.5)
+    cmap = CachedMap.from_probs(p, FP8)
+    out = poisoned(shape, FP8)[0]
+    launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h,
+                     VARIANTS["cached_pv"][variant](cached_pv_config(d, nq, FP8)))
+    assert rel_err(out, out64(p, v, h)) < BOUND[FP8]

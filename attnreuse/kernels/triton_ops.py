@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from . import triton_kernels as tk
-from .storage import FP8, FP8_MAX, num_blocks, top
-from .tuning import Config, block_d, cached_pv_config, capture_config
+from .storage import FP8, num_blocks, top
+from .tuning import Config, block_d, cached_pv_config, capture_config, split_block_d
 
 _DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 VALUE_DTYPES = tuple(_DOT)
@@ -47,14 +47,16 @@ def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, config: Confi
     map_dtype = FP8 if fp8 else data.dtype
     config = config or cached_pv_config(d, nq, map_dtype)
     dot_dtype, precision = _dot_dtype(v.dtype, torch.float16 if fp8 else data.dtype)
+    split = split_block_d(d) if config.split_d else (block_d(d), 0)
     tk.cached_pv_kernel[(triton.cdiv(nq, config.block_m), b * h)](
         data, block_max, row_lse, v4, o4,
         data.stride(0), data.stride(1), data.stride(2), block_max.stride(0), block_max.stride(1), block_max.stride(2),
         row_lse.stride(0), row_lse.stride(1),
         v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
         h, nq, nk, d,
-        OUT_SCALE=256.0 / FP8_MAX if fp8 else 1.0 / top(map_dtype), FP8_BYTES=fp8, NATIVE_FP8=config.native_fp8,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_D=block_d(d), **config.launch_args())
+        OUT_SCALE=(256.0 if fp8 and not config.native_fp8 else 1.0) / top(map_dtype), FP8_BYTES=fp8, NATIVE_FP8=config.native_fp8,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, **dict(zip(("BLOCK_D", "BLOCK_D2"), split)),
+        **config.launch_args())
 
 
 def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: float,
