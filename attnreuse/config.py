@@ -8,7 +8,7 @@ import torch
 
 from .kernels import BACKENDS, FP8
 
-from .schedule import as_schedule
+from .schedule import ScheduleLike, as_schedule_object
 
 LayerSelector = Union[str, Callable[[str], bool]]
 LAYER_CHOICES = ("all", "self", "cross")
@@ -40,7 +40,9 @@ class ReuseConfig:
 
     Important:
         schedule: one entry per sampling step, 1 = compute, 0 = reuse the most recently computed map
-            (``"11110000"``, ``[1, 1, 0, 0]`` or ``attnreuse.hurry(steps, reuse)``). The first entry must be 1.
+            (``"11110000"``, ``[1, 1, 0, 0]`` or ``attnreuse.hurry(steps, reuse)``; the first entry must be 1),
+            or a length-free schedule resolved per generation (``attnreuse.hurry_fraction(0.5)``,
+            ``attnreuse.rescaled("11111111010001000000")``).
         layers: which attention layers take part: ``"all"``, ``"self"`` (``attn1``), ``"cross"``
             (``attn2``), or a predicate on the layer's module name, e.g.
             ``lambda name: name.startswith("up_blocks")``. Other layers always compute.
@@ -56,7 +58,7 @@ class ReuseConfig:
             (the strategy of T-GATE and diffusers' PAB; kept as a baseline: it ignores the current values).
     """
 
-    schedule: tuple[int, ...]
+    schedule: ScheduleLike
     layers: LayerSelector = "all"
     cache_dtype: torch.dtype | str | None = None
     max_cache_bytes: float | None = None
@@ -64,7 +66,7 @@ class ReuseConfig:
     target: str = "map"
 
     def __post_init__(self):
-        object.__setattr__(self, "schedule", as_schedule(self.schedule))
+        object.__setattr__(self, "schedule", as_schedule_object(self.schedule))
         object.__setattr__(self, "cache_dtype", as_cache_dtype(self.cache_dtype))
         if not callable(self.layers) and self.layers not in LAYER_CHOICES:
             raise ValueError(
@@ -84,7 +86,23 @@ class ReuseConfig:
         return self.max_cache_bytes is not None or self.cache_dtype == "auto"
 
     def selects(self, name: str, is_cross_attention: bool) -> bool:
-        """Whether the attention layer called ``name`` takes part in reuse."""
+        """Whether the attention layer called ``name`` takes part in reuse (asked once, at patch time)."""
         if callable(self.layers):
             return bool(self.layers(name))
         return self.layers == "all" or (self.layers == "cross") == is_cross_attention
+
+    def initial_policy(self) -> "LayerPolicy":
+        """The policy of a selected layer before any plan: a planned config reuses nothing until planned."""
+        return LayerPolicy(reuse=False) if self.planned else LayerPolicy(reuse=True, map_dtype=self.cache_dtype)
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """What one patched layer does, resolved once (at patch time, or when a plan is made).
+
+    ``reuse``: whether the layer captures and reuses at all (False: it always computes);
+    ``map_dtype``: storage of its maps, ``None`` = the dtype of the layer's values.
+    """
+
+    reuse: bool
+    map_dtype: torch.dtype | None = None

@@ -1,19 +1,20 @@
 """``patch`` / ``unpatch``: install and remove attention-map reuse on a diffusers UNet or pipeline."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from diffusers.models.attention_processor import Attention
 
-from .config import ReuseConfig
+from .clock import Clock, Generation
+from .config import LayerPolicy, ReuseConfig
 from .planner import LayerPlan, auto_dtypes, layer_shapes, make_plan, measured_cost
-from .processor import ReuseAttnProcessor, check_supported
-from .schedule import Action, ScheduleLike
-from .state import ReuseState
+from .processor import MapReuseProcessor, OutputReuseProcessor, check_supported
+from .sampler import ProgressClock
+from .schedule import ScheduleLike
 
 _HANDLE_ATTR = "_attnreuse_handle"
-_RESETTING_CLASSES: dict[type, type] = {}
 
 
 def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_cache_bytes=None,
@@ -21,18 +22,23 @@ def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_
     """Make ``model`` reuse attention maps on the steps where ``schedule`` says 0.
 
     Args:
-        model: a diffusers ``UNet2DConditionModel``, or a pipeline (its ``.unet`` is patched, and every call
-            of the pipeline starts from empty state).
+        model: a diffusers ``UNet2DConditionModel``, or a pipeline with one as ``.unet`` (then the pipeline's
+            progress bar drives the steps: see :mod:`attnreuse.sampler`).
         schedule, layers, cache_dtype, max_cache_bytes, backend, target: see :class:`attnreuse.ReuseConfig`.
 
     Returns a :class:`ReuseHandle` (also a context manager that unpatches on exit). Patching a patched
-    model replaces the earlier patch.
+    model replaces the earlier patch; everything is validated first, so a rejected patch changes nothing.
     """
     config = ReuseConfig(schedule=schedule, layers=layers, cache_dtype=cache_dtype, max_cache_bytes=max_cache_bytes,
                          backend=backend, target=target)
     unet, pipe = _resolve(model)
-    unpatch(unet)
-    return ReuseHandle(unet, config, pipe)
+    previous = getattr(unet, _HANDLE_ATTR, None)
+    chosen = _find_layers(unet, config, previous)  # validates everything before anything changes
+    if pipe is not None:
+        _check_pipeline(pipe, previous)
+    if previous is not None:
+        previous.remove()
+    return ReuseHandle(unet, config, chosen, pipe)
 
 
 def unpatch(model) -> None:
@@ -44,15 +50,13 @@ def unpatch(model) -> None:
 
 
 def _resolve(model) -> tuple[torch.nn.Module, object | None]:
-    if isinstance(model, torch.nn.Module):
-        return model, None
-    unet = getattr(model, "unet", None)
-    if isinstance(unet, torch.nn.Module):
-        return unet, model
-    raise TypeError(f"attnreuse.patch takes a diffusers UNet or a pipeline with a .unet, not {type(model).__name__}")
+    unet, pipe = (model, None) if isinstance(model, torch.nn.Module) else (getattr(model, "unet", None), model)
+    if not isinstance(unet, torch.nn.Module):
+        raise TypeError(f"attnreuse.patch takes a diffusers UNet or a pipeline with a .unet, not {type(model).__name__}")
+    return getattr(unet, "_orig_mod", unet), pipe  # a torch.compile'd UNet: patch the module it wraps
 
 
-def _find_layers(unet: torch.nn.Module, config: ReuseConfig) -> dict[str, Attention]:
+def _find_layers(unet: torch.nn.Module, config: ReuseConfig, previous: "ReuseHandle | None") -> dict[str, Attention]:
     found = {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
     if not found:
         raise TypeError(f"{type(unet).__name__} has no diffusers Attention layers: pass a UNet2DConditionModel "
@@ -61,30 +65,56 @@ def _find_layers(unet: torch.nn.Module, config: ReuseConfig) -> dict[str, Attent
     if not chosen:
         raise ValueError(f"layers={config.layers!r} selects none of the {len(found)} attention layers "
                          f"(names look like {next(iter(found))!r})")
+    originals = previous._originals if previous is not None else {}
     for name, m in chosen.items():
-        check_supported(name, m)
+        check_supported(name, m, originals.get(name, m.processor))
     return chosen
 
 
-class ReuseHandle:
-    """A live patch: sampling state, cache accounting and the way back (:meth:`remove`)."""
+def _check_pipeline(pipe, previous: "ReuseHandle | None") -> None:
+    own = pipe.__dict__.get("progress_bar")
+    if own is not None and not (isinstance(own, ProgressClock) and previous is not None and own.clock is previous.clock):
+        raise TypeError(f"{type(pipe).__name__}.progress_bar is overridden on this instance; attnreuse counts the "
+                        "pipeline's steps through it: remove the override, or patch pipe.unet and mark "
+                        "generations with handle.generation(num_steps)")
+    if not callable(getattr(type(pipe), "progress_bar", None)):
+        raise TypeError(f"{type(pipe).__name__} has no progress_bar method to count its steps: patch pipe.unet and "
+                        "mark generations with handle.generation(num_steps)")
 
-    def __init__(self, unet: torch.nn.Module, config: ReuseConfig, pipe=None):
-        layers = _find_layers(unet, config)  # validates everything before anything changes
+
+class _LayerNames:
+    """A picklable stand-in for a layer predicate: the names it selected."""
+
+    def __init__(self, names):
+        self.names = frozenset(names)
+
+    def __call__(self, name: str) -> bool:
+        return name in self.names
+
+
+class ReuseHandle:
+    """A live patch: the clock (steps, per-thread generations), the plan, and the way back (:meth:`remove`)."""
+
+    def __init__(self, unet: torch.nn.Module, config: ReuseConfig, layers: dict[str, Attention], pipe=None):
         self.unet = unet
         self.config = config
-        self.state = ReuseState(config.schedule, config.max_cache_bytes)
-        self._plans: dict[tuple, list[LayerPlan]] = {}  # by (sample shape, context tokens)
-        self._plan: list[LayerPlan] | None = None
+        self.clock = Clock(config.schedule, config.max_cache_bytes)
+        self._plans: dict[tuple, list[LayerPlan]] = {}  # by input shape, dtype, device and step counts
+        self._plan_key: tuple | None = None
         self._originals = {name: m.processor for name, m in layers.items()}
+        kind = OutputReuseProcessor if config.target == "output" else MapReuseProcessor
+        self._processors = {name: kind(name, m.processor, self.clock, config.initial_policy(), config.backend)
+                            for name, m in layers.items()}
         for name, m in layers.items():
-            m.set_processor(ReuseAttnProcessor(name, m.processor, self.state, config))
-        self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
-        self._pipe, self._pipe_class = pipe, None
-        if pipe is not None:
-            self._pipe_class = type(pipe)
-            pipe.__class__ = _resetting_class(type(pipe))
+            m.set_processor(self._processors[name])
+        self._hooks = (unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
+                       unet.register_forward_hook(self._after_unet_call))
+        self._pipes: list = []
         setattr(unet, _HANDLE_ATTR, self)
+        if pipe is not None:
+            self.attach(pipe)
+
+    # ---- what users read --------------------------------------------------------------------------------
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -92,69 +122,83 @@ class ReuseHandle:
         return tuple(self._originals)
 
     @property
+    def current(self) -> Generation | None:
+        """This thread's generation (marked, or guessed from the UNet's calls), None if there is none."""
+        return self.clock.current
+
+    @property
     def step(self) -> int:
-        """Index of the current sampling step (-1 before the first UNet call of a generation)."""
-        return self.state.step
+        """Index of this thread's current sampling step (-1 outside a generation)."""
+        gen = self.clock.current
+        return -1 if gen is None else gen.step_index
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of attention maps held right now."""
-        return self.state.cache_bytes
+        """Bytes of attention maps this thread's generation holds right now."""
+        gen = self.clock.current
+        return 0 if gen is None else gen.cache.bytes
 
     @property
     def peak_cache_bytes(self) -> int:
-        """Most bytes of attention maps held at once since patching."""
-        return self.state.peak_cache_bytes
+        """Most bytes of attention maps one generation held at once since patching."""
+        gen = self.clock.current
+        now = 0 if gen is None else max(gen.cache.peak_bytes, gen.cache.bytes)
+        return max(self.clock.peak_bytes, now)
 
     @property
     def plan(self) -> list[LayerPlan] | None:
         """The per-layer plan in force (``max_cache_bytes`` or ``cache_dtype="auto"``), else None."""
-        return self._plan
+        return self._plans.get(self._plan_key)
+
+    # ---- what users call --------------------------------------------------------------------------------
+
+    def generation(self, num_steps: int) -> Generation:
+        """Mark a generation of ``num_steps`` sampling steps on this thread, for a sampling loop of your own::
+
+            with handle.generation(20) as gen:
+                for i, t in enumerate(scheduler.timesteps):
+                    gen.step(i)   # every UNet call until the next gen.step belongs to step i
+                    ...unet(...)...
+
+        The schedule is resolved against ``num_steps`` now; leaving the block drops every map.
+        """
+        return self.clock.begin(num_steps)
+
+    def attach(self, pipe) -> None:
+        """Let another pipeline sharing this UNet (e.g. from ``Pipeline.from_pipe``) drive the clock too."""
+        if _resolve(pipe)[0] is not self.unet:
+            raise ValueError(f"{type(pipe).__name__}.unet is not the UNet this handle patched")
+        _check_pipeline(pipe, self)
+        pipe.progress_bar = ProgressClock(self.clock, pipe)  # an instance attribute: the class stays
+        self._pipes.append(pipe)
+
+    def prepare(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, num_steps: int) -> list[LayerPlan]:
+        """Make the per-layer plan (kernel timing) for UNet inputs like these, ahead of sampling: needed
+        before a compiled UNet runs with ``max_cache_bytes`` or ``cache_dtype="auto"``."""
+        gen = Generation(self.clock, self.config.schedule.resolve(num_steps))
+        self._use_plan(self._key(sample, encoder_hidden_states, gen), sample, encoder_hidden_states.shape[1])
+        return self.plan
 
     def reset(self) -> None:
-        """Start the next UNet call as a new generation, dropping all cached maps."""
-        self.state.reset()
-
-    def pin(self, step: int) -> None:
-        """Run every following UNet call as step ``step`` (branch 0) until :meth:`reset`: for benchmarks and
-        CUDA-graph capture, where one call per action (compute, capture, reuse) is recorded and replayed."""
-        self.state.pin(step)
+        """End this thread's generation now, dropping its maps."""
+        self.clock.end_current()
 
     def remove(self) -> None:
-        """Undo the patch exactly: original processors, no hook, the pipeline's own class."""
+        """Undo the patch exactly: original processors, no hook, the pipelines' own progress bars."""
         if getattr(self.unet, _HANDLE_ATTR, None) is not self:
             return
         modules = dict(self.unet.named_modules())
         for name, original in self._originals.items():
             modules[name].set_processor(original)
-        self._hook.remove()
-        if self._pipe is not None:
-            self._pipe.__class__ = self._pipe_class
-        self.state.reset()
+        for hook in self._hooks:
+            hook.remove()
+        for pipe in self._pipes:
+            own = pipe.__dict__.get("progress_bar")
+            if isinstance(own, ProgressClock) and own.clock is self.clock:
+                del pipe.__dict__["progress_bar"]
+        self._pipes.clear()
+        self.clock.end_current()
         delattr(self.unet, _HANDLE_ATTR)
-
-    def _on_unet_call(self, module, args, kwargs):
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        self.state.begin_call(timestep, tuple(sample.shape))
-        if self.config.planned and (self._plan is None or (self.state.step == 0 and self.state.branch == 0)):
-            context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
-            self._use_plan(sample, context.shape[1])
-
-    def _use_plan(self, sample: torch.Tensor, context_tokens: int) -> None:
-        key = (tuple(sample.shape), context_tokens)
-        if key not in self._plans:
-            shapes = layer_shapes(self.unet, self.layers, key[0], context_tokens)
-            dtype = self.config.cache_dtype
-            dtypes = auto_dtypes(sample.dtype) if dtype == "auto" else (dtype or sample.dtype,)
-            acts = self.state.actions
-            budget = self.config.max_cache_bytes
-            self._plans[key] = make_plan(
-                shapes, measured_cost(sample.device, sample.dtype, self.config.backend), dtypes,
-                n_reuse=acts.count(Action.REUSE), n_capture=acts.count(Action.CAPTURE),
-                max_bytes=math.inf if budget is None else budget)
-        self._plan = self._plans[key]
-        self.state.layer_dtypes = {p.name: p.dtype if p.reuse else None for p in self._plan}
 
     def __enter__(self) -> "ReuseHandle":
         return self
@@ -163,23 +207,49 @@ class ReuseHandle:
         self.remove()
 
     def __repr__(self) -> str:
-        return (f"ReuseHandle(schedule={''.join(map(str, self.config.schedule))}, layers={len(self.layers)}, "
+        return (f"ReuseHandle(schedule={self.config.schedule!r}, layers={len(self.layers)}, "
                 f"cache_dtype={self.config.cache_dtype}, step={self.step}, cache_bytes={self.cache_bytes})")
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if callable(self.config.layers):  # a lambda would not pickle; the names it chose do
+            state["config"] = dataclasses.replace(self.config, layers=_LayerNames(self.layers))
+        return state
 
-def _resetting_class(cls: type) -> type:
-    """A subclass of a pipeline class whose calls start and end with empty reuse state."""
-    if cls not in _RESETTING_CLASSES:
-        def __call__(self, *args, **kwargs):
-            handle = getattr(self.unet, _HANDLE_ATTR, None)
-            if handle is not None:
-                handle.reset()
-            try:
-                return cls.__call__(self, *args, **kwargs)
-            finally:
-                if handle is not None:
-                    handle.reset()  # maps must not outlive the generation that made them
+    # ---- the UNet's pre-hook (traced by torch.compile: no host sync on a marked generation) -------------
 
-        _RESETTING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                               "__qualname__": cls.__qualname__})
-    return _RESETTING_CLASSES[cls]
+    def _on_unet_call(self, module, args, kwargs):
+        sample = kwargs["sample"] if "sample" in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        gen = self.clock.for_call(sample, timestep)
+        if self.config.planned:
+            context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+            key = self._key(sample, context, gen)
+            if key != self._plan_key:
+                if torch.compiler.is_compiling():
+                    raise RuntimeError(
+                        "attnreuse: max_cache_bytes / cache_dtype='auto' need a plan (kernel timing) for input "
+                        f"{tuple(sample.shape)}, which cannot be made inside torch.compile: call "
+                        "handle.prepare(sample, encoder_hidden_states, num_steps) before the compiled UNet runs")
+                self._use_plan(key, sample, context.shape[1])
+
+    def _after_unet_call(self, module, args, output):
+        self.clock.after_call()
+
+    @staticmethod
+    def _key(sample: torch.Tensor, context: torch.Tensor, gen: Generation) -> tuple:
+        return (tuple(sample.shape), context.shape[1], sample.dtype, sample.device, gen.n_reuse, gen.n_capture)
+
+    def _use_plan(self, key: tuple, sample: torch.Tensor, context_tokens: int) -> None:
+        """Make (once per key) and install the plan: each processor gets its policy."""
+        if key not in self._plans:
+            shapes = layer_shapes(self.unet, self.layers, key[0], context_tokens)
+            dtype = self.config.cache_dtype
+            dtypes = auto_dtypes(sample.dtype) if dtype == "auto" else (dtype or sample.dtype,)
+            budget = self.config.max_cache_bytes
+            self._plans[key] = make_plan(
+                shapes, measured_cost(sample.device, sample.dtype, self.config.backend), dtypes,
+                n_reuse=key[4], n_capture=key[5], max_bytes=math.inf if budget is None else budget)
+        for p in self._plans[key]:
+            self._processors[p.name].policy = LayerPolicy(reuse=p.reuse, map_dtype=p.dtype)
+        self._plan_key = key

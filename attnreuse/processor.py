@@ -1,4 +1,9 @@
-"""The attention processor that computes, captures or reuses maps as the schedule says."""
+"""Attention processors that compute, capture or reuse as the current step's kind says.
+
+Each processor gets its layer's :class:`~attnreuse.config.LayerPolicy` once and reads, per call, only the
+kind of the current step and the index of the UNet call within it, from its thread's
+:class:`~attnreuse.clock.Generation`; maps live in that generation's cache.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,57 +12,75 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from . import kernels
 from .kernels.reference import merge_heads, split_heads
 
-from .config import ReuseConfig
+from .clock import Clock
+from .config import LayerPolicy
 from .schedule import Action
-from .state import ReuseState
 
 # Processors whose computation this processor reproduces on capture and reuse steps.
 SUPPORTED_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 
 
-def check_supported(name: str, attn: torch.nn.Module) -> None:
-    """Raise ``TypeError`` naming the fix if ``attn`` is a layer attnreuse cannot patch."""
+def check_supported(name: str, attn: torch.nn.Module, processor) -> None:
+    """Raise ``TypeError`` naming the fix if ``attn`` (running ``processor``) is a layer attnreuse cannot patch."""
     fix = ("call unet.set_attn_processor(AttnProcessor2_0()) before patching, or leave the layer out "
            "with layers=lambda name: ...")
     if not isinstance(attn, Attention):
         raise TypeError(f"{name}: {type(attn).__name__} is not a diffusers Attention layer")
     if getattr(attn, "fused_projections", False) or attn.added_kv_proj_dim is not None:
         raise TypeError(f"{name}: fused or added key/value projections are not supported; {fix}")
-    if not isinstance(attn.processor, SUPPORTED_PROCESSORS):
-        raise TypeError(f"{name}: processor {type(attn.processor).__name__} is not supported; {fix}")
+    if not isinstance(processor, SUPPORTED_PROCESSORS):
+        raise TypeError(f"{name}: processor {type(processor).__name__} is not supported; {fix}")
 
 
-class ReuseAttnProcessor:
-    """Runs the layer's original processor on ordinary steps; captures or reuses the map otherwise.
+class _Patched:
+    def __init__(self, name: str, original, clock: Clock, policy: LayerPolicy, backend: str):
+        self.name = name
+        self.original = original
+        self.clock = clock
+        self.policy = policy
+        self.backend = backend
+
+    def _kind(self):
+        """The current generation and what this layer does in this call."""
+        gen = self.clock.current
+        if gen is None or not self.policy.reuse:
+            return gen, Action.COMPUTE
+        return gen, gen.kind
+
+
+class OutputReuseProcessor(_Patched):
+    """The baseline ``target="output"``: a reuse step returns the layer's whole output of the capture step
+    (T-GATE / PAB style), ignoring its current input."""
+
+    def __call__(self, attn: Attention, hidden_states, *args, **kwargs):
+        gen, kind = self._kind()
+        if kind is Action.REUSE:
+            cached = gen.cache.lookup(self.name, gen.call)
+            if cached is not None:
+                if cached.shape != hidden_states.shape:
+                    raise RuntimeError(f"attnreuse: {self.name}: cached output {tuple(cached.shape)} does not fit "
+                                       f"input {tuple(hidden_states.shape)}: keep one batch size and resolution "
+                                       "within a generation")
+                return cached
+        out = self.original(attn, hidden_states, *args, **kwargs)
+        if kind is Action.CAPTURE:
+            gen.cache.store(self.name, gen.call, out)
+        return out
+
+
+class MapReuseProcessor(_Patched):
+    """Runs the layer's original processor on computing steps; captures or reuses the map otherwise.
 
     Capture and reuse steps follow ``AttnProcessor2_0`` line for line, except that a reuse step never
     runs ``to_q``, ``to_k``, ``Q Kᵀ`` or the softmax.
     """
 
-    def __init__(self, name: str, original, state: ReuseState, config: ReuseConfig):
-        self.name = name
-        self.original = original
-        self.state = state
-        self.cache_dtype = config.cache_dtype
-        self.backend = config.backend
-        self.reuse_output = config.target == "output"
-
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        state = self.state
-        action = state.action if state.step >= 0 and state.reuses(self.name) else Action.COMPUTE
-        cached = state.lookup(self.name) if action is Action.REUSE else None
-        if action is Action.COMPUTE or (action is Action.REUSE and cached is None):  # None: over the budget
+        gen, kind = self._kind()
+        cached = gen.cache.lookup(self.name, gen.call) if kind is Action.REUSE else None
+        if kind is Action.COMPUTE or (kind is Action.REUSE and cached is None):  # None: over the budget
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        if self.reuse_output:
-            if action is Action.CAPTURE:
-                out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-                state.store(self.name, out)
-                return out
-            if cached.shape != hidden_states.shape:
-                raise RuntimeError(f"attnreuse: {self.name}: cached output {tuple(cached.shape)} does not fit "
-                                   f"input {tuple(hidden_states.shape)}; call handle.reset()")
-            return cached
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -74,10 +97,13 @@ class ReuseAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        if action is Action.REUSE:
-            if cached.shape[2] != hidden_states.shape[1]:
-                raise RuntimeError(f"attnreuse: {self.name}: cached map is for {cached.shape[2]} query tokens, "
-                                   f"the layer got {hidden_states.shape[1]}; call handle.reset()")
+        if kind is Action.REUSE:
+            b, _, nq, nk = cached.shape
+            if (b, nq, nk) != (hidden_states.shape[0], hidden_states.shape[1], value.shape[1]):
+                raise RuntimeError(
+                    f"attnreuse: {self.name}: the cached map is for batch {b}, {nq} query and {nk} key tokens; this "
+                    f"call has batch {hidden_states.shape[0]}, {hidden_states.shape[1]} query and {value.shape[1]} "
+                    "key tokens: keep one batch size, resolution and prompt length within a generation")
             hidden_states = kernels.cached_pv(cached, value, attn.heads, backend=self.backend)
         else:  # Action.CAPTURE
             query = attn.to_q(hidden_states)
@@ -88,10 +114,9 @@ class ReuseAttnProcessor:
             if attention_mask is not None:
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[1], key.shape[0])
                 mask = mask.view(key.shape[0], attn.heads, -1, mask.shape[-1])
-            dtype = state.layer_dtypes[self.name] if state.layer_dtypes is not None else self.cache_dtype
-            hidden_states, cmap = kernels.capture(query, key, value, attn.heads, attn.scale, dtype or value.dtype,
-                                                  mask, backend=self.backend)
-            state.store(self.name, cmap)
+            hidden_states, cmap = kernels.capture(query, key, value, attn.heads, attn.scale,
+                                                  self.policy.map_dtype or value.dtype, mask, backend=self.backend)
+            gen.cache.store(self.name, gen.call, cmap)
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -87,10 +87,10 @@ class Bench:
             self.unet.set_attn_processor(AttnProcessor2_0())
 
     def reuse_and_capture(self, cache_dtype: str) -> tuple[dict, dict, int]:
-        with attnreuse.patch(self.unet, "10", cache_dtype=cache_dtype) as handle:
-            handle.pin(0)  # "10": step 0 captures
+        with attnreuse.patch(self.unet, "10", cache_dtype=cache_dtype) as handle, handle.generation(2) as gen:
+            gen.hold(0)  # "10": step 0 captures
             capture = self.time_call()
-            handle.pin(1)  # every call now reuses the maps of the last capture
+            gen.hold(1)  # every call now reuses the maps of the last capture
             reuse = self.time_call()
             nbytes = handle.cache_bytes
         return reuse, capture, nbytes
@@ -103,13 +103,14 @@ class Bench:
         sched.set_timesteps(steps, device=self.device)
         latents = self.x.clone()
         handle = attnreuse.patch(self.unet, schedule, cache_dtype=cache_dtype) if schedule is not None else None
+        gen = handle.generation(len(schedule)) if handle is not None else None
         acts = attnreuse.schedule.actions(schedule or (1,) * steps)
         runners = {}  # one per kind of step, each returning the UNet's output
         for i, action in enumerate(acts):
             if action.value in runners:
                 continue
-            if handle is not None:
-                handle.pin(i)
+            if gen is not None:
+                gen.hold(i)  # held steps keep the maps the recorded graphs read and write
             if self.graphs:
                 graph, out = graphed(self.call), self.out
                 runners[action.value] = lambda graph=graph, out=out: (graph.replay(), out)[1]
@@ -120,14 +121,15 @@ class Bench:
             nonlocal latents
             for i, t in enumerate(sched.timesteps):
                 self.x.copy_(latents)
-                if handle is not None:
-                    handle.pin(i)  # eager calls follow the schedule; replayed graphs hold their step
+                if gen is not None:
+                    gen.hold(i)  # eager calls follow the schedule; replayed graphs hold their step
                 out = runners[acts[i].value]()
                 latents = sched.step(out, t, latents).prev_sample
         try:
             return median_ms(run, self.device, max(3, self.reps // 10))
         finally:
             if handle is not None:
+                gen.end()
                 handle.remove()
 
 

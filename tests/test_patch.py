@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 import attnreuse
-from attnreuse.processor import ReuseAttnProcessor
+from attnreuse.processor import MapReuseProcessor
 from attnreuse.kernels import storage_nbytes
 from tests.helpers import contexts, make_unet, sample, unet_kwargs
 
@@ -44,7 +44,8 @@ def test_reuse_sampling_end_to_end(arch, scheduler_cls):
     counts_v, hooks_v = count_calls({n: m.to_v for n, m in layers.items()})
     with attnreuse.patch(unet, attnreuse.hurry(20, 10)) as handle:
         out = sample(unet, scheduler_cls, cfg="separate")
-        assert handle.step == 19
+        assert handle.current is None and handle.cache_bytes == 0  # ended with its last step's calls
+        assert handle.peak_cache_bytes > 0
     for h in hooks + hooks_v:
         h.remove()
     assert set(counts_q.values()) == {10 * 2}  # 10 computing steps x 2 branches
@@ -90,11 +91,11 @@ def test_unpatch_restores_exact_processors_and_outputs():
     originals = {n: m.processor for n, m in attention_layers(unet).items()}
     ref = sample(unet, steps=6)
     handle = attnreuse.patch(unet, "111000")
-    assert all(isinstance(m.processor, ReuseAttnProcessor) for m in attention_layers(unet).values())
+    assert all(isinstance(m.processor, MapReuseProcessor) for m in attention_layers(unet).values())
     sample(unet, steps=6)
     attnreuse.unpatch(unet)
     assert all(m.processor is originals[n] for n, m in attention_layers(unet).items())
-    assert not unet._forward_pre_hooks
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
     assert torch.equal(sample(unet, steps=6), ref)
     handle.remove()  # a second removal is a no-op
     attnreuse.unpatch(unet)
@@ -128,7 +129,7 @@ def test_layer_selection(layers, expect):
     unet = make_unet("sd15")
     with attnreuse.patch(unet, "10", layers=layers) as handle:
         for name, m in attention_layers(unet).items():
-            patched = isinstance(m.processor, ReuseAttnProcessor)
+            patched = isinstance(m.processor, MapReuseProcessor)
             assert patched == (m.is_cross_attention == expect)
             assert (name in handle.layers) == patched
     up_only = lambda name: name.startswith("up_blocks")  # noqa: E731
@@ -141,18 +142,20 @@ def test_cache_bytes_reported(cache_dtype, elem):
     unet = make_unet("sd15")
     layers = attention_layers(unet)
     with attnreuse.patch(unet, "10", cache_dtype=cache_dtype) as handle:
-        sample(unet, steps=2, cfg="batched")
-        # both UNet calls store nothing new at the reuse step: the maps of step 1 are held
+        gen = handle.generation(2)
+        sample(unet, steps=1, cfg="batched")  # step 0 captures
+        gen.step(1)  # the reuse step holds the maps of step 0
         tokens = {}
         for n, m in layers.items():
             size = 8 if n.startswith(("down_blocks.0", "up_blocks.1")) else 4
             tokens[n] = (size * size, 7 if m.is_cross_attention else size * size)
-        dtype = handle.state.maps[(n, 0)].dtype
+        dtype = handle.current.cache.maps[(n, 0)].dtype
         expected = sum(storage_nbytes(2, layers[n].heads, q, k, dtype) for n, (q, k) in tokens.items())
         assert handle.cache_bytes == expected == handle.peak_cache_bytes
         assert dtype.itemsize == elem
         handle.reset()
-        assert handle.cache_bytes == 0 and handle.step == -1
+        assert handle.cache_bytes == 0 and handle.step == -1 and handle.current is None
+        assert handle.peak_cache_bytes == expected
 
 
 def test_fp8_maps_close_to_fp32_maps():
@@ -176,6 +179,7 @@ def test_resolution_or_batch_change_starts_a_new_generation():
         cond, _ = contexts(1)
         for t in (900, 700):
             unet(torch.randn(1, 4, 8, 8), t, **unet_kwargs(unet, 1, cond))
+        assert handle.step == 1
         assert handle.step == 1 and handle.cache_bytes > 0
         # next timestep at another resolution: must compute (new generation), never apply the 8x8 maps
         unet(torch.randn(1, 4, 16, 16), 500, **unet_kwargs(unet, 1, cond))
@@ -262,7 +266,7 @@ def test_bad_arguments():
         attnreuse.patch(unet, "10", layers=lambda name: False)
     with pytest.raises(ValueError, match="backend='cuda'"):
         attnreuse.patch(unet, "10", backend="cuda")
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(ValueError, match="needs CUDA"):
         with attnreuse.patch(unet, "10", backend="triton"):
             sample(unet, steps=2)
     with pytest.raises(ValueError, match="different timesteps"):

@@ -114,12 +114,15 @@ def test_patch_with_auto_dtype_follows_the_plan(fixed_costs):
     unet = make_unet("sd15")
     with attnreuse.patch(unet, attnreuse.hurry(6, 3), cache_dtype="auto") as handle:
         assert handle.plan is None
+        maps = {}  # what the last reuse step holds
+        hook = unet.register_forward_pre_hook(lambda m, a: maps.update(handle.current.cache.maps))
         sample(unet, steps=6)
+        hook.remove()
         plan = {p.name: p for p in handle.plan}
         assert all(p.reuse == (not n.endswith("attn2")) for n, p in plan.items())
         assert {p.dtype for p in plan.values() if p.reuse} == {FP8}
-        assert {k[0] for k in handle.state.maps} == {n for n, p in plan.items() if p.reuse}
-        assert all(m.dtype == FP8 for m in handle.state.maps.values())
+        assert {k[0] for k in maps} == {n for n, p in plan.items() if p.reuse}
+        assert all(m.dtype == FP8 for m in maps.values())
 
 
 def test_patch_budget_is_never_exceeded_even_with_separate_cfg_calls(fixed_costs):
@@ -132,7 +135,7 @@ def test_patch_budget_is_never_exceeded_even_with_separate_cfg_calls(fixed_costs
     assert full == 2 * plan_bytes  # two branches, each with its own maps
     budget = full * 3 // 4
     with attnreuse.patch(unet, "1100", cache_dtype="fp8", max_cache_bytes=budget) as handle:
-        with pytest.warns(UserWarning, match="leaves no room"):
+        with pytest.warns(UserWarning, match="left no room"):
             out = sample(unet, steps=4, cfg="separate")
         assert 0 < handle.peak_cache_bytes <= budget
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
@@ -155,8 +158,11 @@ def test_output_reuse_baseline():
     hooks = [m.to_v.register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls[n] + 1))
              for n, m in layers.items()]
     with attnreuse.patch(unet, "1100", target="output") as handle:
+        held = []
+        hook = unet.register_forward_pre_hook(lambda m, a: held.extend(handle.current.cache.maps.values()))
         out = sample(unet, steps=4)
-        assert all(isinstance(t, torch.Tensor) for t in handle.state.maps.values())
+        hook.remove()
+        assert held and all(isinstance(t, torch.Tensor) for t in held)
     for h in hooks:
         h.remove()
     assert set(calls.values()) == {2}  # nothing of the layer runs on reuse steps
@@ -165,17 +171,18 @@ def test_output_reuse_baseline():
         attnreuse.patch(unet, "10", target="output", cache_dtype="auto")
 
 
-def test_pin_holds_the_step():
+def test_hold_keeps_the_step():
     unet = make_unet("sd15")
-    with attnreuse.patch(unet, "10") as handle:
-        sample(unet, steps=1)  # step 0 captures
-        handle.pin(1)
+    with attnreuse.patch(unet, "10") as handle, handle.generation(2) as gen:
+        gen.hold(0)
+        sample(unet, steps=2)  # both calls capture, as call 0 of step 0
+        gen.hold(1)
         a = sample(unet, steps=3)  # every call reuses the maps of step 0
-        assert handle.step == 1
+        assert handle.step == 1 and gen.call == 0
         b = sample(unet, steps=3)
         assert torch.equal(a, b)
-        with pytest.raises(ValueError, match="outside the schedule"):
-            handle.pin(2)
+        with pytest.raises(ValueError, match="outside this generation's 2 steps"):
+            gen.hold(2)
 
 
 def test_sd15_512_fp8_cache_fits_in_1_5_gb():

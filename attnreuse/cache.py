@@ -1,0 +1,58 @@
+"""The maps of one generation, keyed by (layer, UNet call within the step), under a memory budget.
+
+Runs inside the UNet's forward (also under ``torch.compile``): no host synchronisation, no warnings
+(budget refusals are reported by :meth:`MapCache.report` at step boundaries), only Python ints.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .kernels import CachedMap
+
+
+class MapCache:
+    """Entries are maps (:class:`CachedMap`) or, for ``target="output"``, whole attention outputs."""
+
+    def __init__(self, max_bytes: float | None = None):
+        self.max_bytes = max_bytes
+        self.maps: dict[tuple[str, int], CachedMap | torch.Tensor] = {}
+        self.declined: set[tuple[str, int]] = set()  # maps the budget had no room for
+        self.bytes = 0
+        self.peak_bytes = 0
+
+    def store(self, layer: str, call: int, entry: CachedMap | torch.Tensor) -> None:
+        key = (layer, call)
+        old = self.maps.pop(key, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        if self.max_bytes is not None and self.bytes + entry.nbytes > self.max_bytes:
+            self.declined.add(key)
+            return
+        self.maps[key] = entry
+        self.bytes += entry.nbytes
+
+    def lookup(self, layer: str, call: int) -> CachedMap | torch.Tensor | None:
+        """The entry of ``layer`` for UNet call ``call`` of the capture step; None if the budget declined it."""
+        key = (layer, call)
+        if key in self.maps:
+            return self.maps[key]
+        if key in self.declined:
+            return None
+        raise RuntimeError(
+            f"attnreuse: a reuse step runs, but layer {layer!r} has no map for UNet call {call + 1} of the "
+            "step that captured: a reuse step must call the UNet the same way (same calls, same layers) as "
+            "the capture step before it")
+
+    def clear(self) -> None:
+        """Drop every entry (the peak is kept) and warn about the maps the budget refused."""
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        if self.declined:
+            layers = sorted({layer for layer, _ in self.declined})
+            warnings.warn(f"attnreuse: max_cache_bytes={self.max_bytes:.4g} left no room for the maps of "
+                          f"{len(layers)} layer(s) ({layers[0]}, ...): those layers computed instead",
+                          stacklevel=3)
+        self.maps.clear()
+        self.declined.clear()
+        self.bytes = 0
