@@ -35,11 +35,12 @@ class FixedSchedule(Schedule):
 
     def resolve(self, n: int) -> tuple[int, ...]:
         if n != len(self.entries):
+            same_share = min(n - 1, round(self.entries.count(0) * n / len(self.entries)))
             raise ValueError(
                 f"attnreuse: this generation runs {n} sampling steps but the schedule has {len(self.entries)} "
                 f"({to_string(self.entries)}); img2img strength, denoising_start/_end or num_inference_steps "
                 f"change the step count: pass a schedule of {n} entries (e.g. attnreuse.hurry({n}, "
-                f"{min(self.entries.count(0), n - 1)})) or a length-free one such as attnreuse.hurry_fraction(0.5)")
+                f"{same_share})) or a length-free one such as attnreuse.hurry_fraction(0.5)")
         return self.entries
 
     def __repr__(self) -> str:
