@@ -7,9 +7,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["attnreuse", "attnreuse.*"]),
-    package_data={"attnreuse.embedded": ["digits.safetensors", "digits.json", "phast.json"]},
+    package_data={"attnreuse": ["measured.json"],
+                  "attnreuse.embedded": ["digits.safetensors", "digits.json", "phast.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "diffusers>=0.30", "numpy", "safetensors", "pillow"],
+    install_requires=["torch>=2.4", "triton>=3.0", "diffusers>=0.30", "numpy", "safetensors", "pillow>=10.1"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn", "scikit-image", "matplotlib", "peft"],
         "bench": ["pytest-benchmark>=4", "scikit-image", "matplotlib"],

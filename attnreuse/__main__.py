@@ -1,17 +1,60 @@
-"""``python -m attnreuse demo``: the embedded digits model with and without attention-map reuse."""
+"""``python -m attnreuse demo``: the embedded digits model with and without attention-map reuse.
+``python -m attnreuse warmup ...``: compile the Triton kernels ahead of a first generation (``attnreuse.warmup``)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 import attnreuse
+from attnreuse import measured
 from attnreuse.embedded import generate, load_default, searched_schedules
 from attnreuse.embedded.grid import save_grid
 
-PAPER_RHO = 0.31  # cost of a reuse step relative to a computing step in the paper's setting
+CACHE_DTYPES = ("fp16", "bf16", "fp32", "fp8")
+DEMO_HELP = """\
+Samples the embedded model (class-conditional 8x8 digits, 20-step DDIM by default) four ways: the full
+sampler, HURRY (compute the first STEPS-REUSE steps, reuse the attention maps for the last REUSE), PHAST
+(the searched schedule shipped for STEPS/REUSE: 20 steps with 5, 10 or 15 reuse steps), and plain DDIM with
+fewer steps at the same cost as the reuse schedules (a reuse step costs rho of a computing step). Prints
+PSNR against the full sampler and wall time per method, and writes a labelled image grid (one row per
+method, one column per class).
+
+rho comes from GPU measurements (the package's measured.json, or --rho-from) when there are any, else the
+paper's assumed 0.31. On a CPU the timings show little: attention is a small share of each step there and
+the Triton kernels do not run, so the speed claim is a GPU measurement."""
+
+
+def rho_in_use(rho_from) -> tuple[measured.Rho, bool]:
+    """The ρ for the fewer-steps row, and whether it was measured: this card's (else any card's) measured
+    figure at the smallest resolution, else the paper's assumption."""
+    found = measured.measured(rho_from)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    found = [r for r in found if r.card == card] or found
+    if found:
+        return min(found, key=lambda r: r.px), True
+    return next(r for r in measured.assumed() if r.label == "paper"), False
+
+
+def speed_note(device: str, rho_from) -> str:
+    """What the demo's timings can and cannot show, with the measured GPU figures beside it."""
+    found = measured.measured(rho_from)
+    gpu = ("; ".join(f"ρ = {r.value:.2f} on {r.source}" for r in found) if found
+           else "not measured on a GPU yet")
+    if device == "cpu":
+        why = ("On a CPU these timings cannot show the speed-up: attention is a small share of each step here and "
+               "the Triton kernels do not run (the PyTorch path does), so reuse saves little time; the table shows "
+               "quality. The speed claim is a GPU measurement")
+    else:
+        why = ("This 1 M-parameter 8x8 model is launch-bound on a GPU, so its timings say little about a real "
+               "UNet. The speed claim is the end-to-end GPU measurement (bench/e2e.py)")
+    return f"{why}: reuse-step cost ρ (reuse / computing step) {gpu}."
 
 
 def demo(args) -> None:
@@ -20,16 +63,20 @@ def demo(args) -> None:
     pipe = load_default("ddim", device=device, dtype=dtype)
     pairs = [(c, 7) for c in args.classes]
     n, r = args.steps, args.reuse
+    rho, was_measured = rho_in_use(args.rho_from)
     phast = searched_schedules().get(f"ddim-{n}-{r}", {}).get("schedule")
-    fewer = math.floor(n - r * (1 - PAPER_RHO))
+    fewer = math.floor(n - r * (1 - rho.value))
     methods = [(f"full {n} steps", None, n), (f"HURRY-{r}", attnreuse.hurry(n, r), n)]
     if phast:
         methods.append((f"PHAST-{r}", attnreuse.as_schedule(phast), n))
-    methods.append((f"{fewer} steps (same cost at ρ={PAPER_RHO})", None, fewer))
+    methods.append((f"{fewer} steps (same cost, rho {rho.value:.2f} "
+                    f"{rho.label if was_measured else 'assumed'})", None, fewer))
 
     generate(pipe, pairs, n)  # warm-up (and Triton autotuning on a GPU)
-    rows, reference = [], None
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; classes {args.classes}")
+    rows, labels, reference = [], [], None
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; classes {args.classes}; "
+          f"map dtype {args.cache_dtype or 'the model’s'}")
+    print(f"{'method':38} {'schedule (1 compute, 0 reuse)':30} {'reuse':>5} {'PSNR vs full':>12} {'ms':>8}")
     for name, schedule, steps in methods:
         if schedule is not None:
             with attnreuse.patch(pipe, schedule, cache_dtype=args.cache_dtype):
@@ -42,26 +89,84 @@ def demo(args) -> None:
         if device == "cuda":
             torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
-        reference = images if reference is None else reference
-        db = attnreuse.psnr(images, reference).mean().item()
-        label = "reference" if images is reference else f"{db:6.2f} dB"
+        if reference is None:
+            reference, quality, psnr = images, "reference", "reference"
+        else:
+            quality = f"{attnreuse.psnr(images, reference).mean().item():.2f} dB"
+            psnr = f"PSNR {quality}"
+        reuse = schedule.count(0) if schedule else 0
         sched = "".join(map(str, schedule)) if schedule else ""
-        print(f"{name:34} {sched:22} PSNR {label:>10}   {ms:7.1f} ms")
+        print(f"{name:38} {sched:30} {reuse:5d} {quality:>12} {ms:8.1f}")
         rows.append(images.cpu())
-    save_grid(rows, args.out)
-    print(f"rows: {', '.join(m[0] for m in methods)} -> {args.out}")
+        labels.append(f"{name}\n{reuse} reuse steps · {psnr} · {ms:.0f} ms")
+    save_grid(rows, args.out, pad=4, labels=labels, columns=[f"class {c}" for c in args.classes],
+              title=f"embedded digits model, DDIM, {device}: PSNR against the full {n}-step sampler")
+    print(speed_note(device, args.rho_from))
+    print(f"image grid (rows: {', '.join(m[0] for m in methods)}) -> {args.out}")
+
+
+def check(parser: argparse.ArgumentParser, args) -> None:
+    """Every argument checked before any work, each error naming the fix."""
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: pass at least 2 sampling steps")
+    if not 0 <= args.reuse < args.steps:
+        parser.error(f"--reuse {args.reuse}: pass 0 to {args.steps - 1} reuse steps (the first step computes)")
+    bad = [c for c in args.classes if not 0 <= c <= 9]
+    if bad:
+        parser.error(f"--classes {' '.join(map(str, bad))}: the classes are the digits 0 to 9")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        parser.error(f"--out {args.out}: the grid is a PNG, give a file name ending in .png")
+    folder = out.parent
+    if not folder.is_dir():
+        parser.error(f"--out {args.out}: folder {folder} does not exist; create it or pick another")
+    if not os.access(folder, os.W_OK) or out.is_dir() or (out.exists() and not os.access(out, os.W_OK)):
+        parser.error(f"--out {args.out}: cannot write there; pick a writable file path")
+    if args.rho_from:
+        try:
+            measured.measured(args.rho_from)
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--rho-from {args.rho_from}: {e if not isinstance(e, KeyError) else f'no field {e}'}; "
+                         "pass the --json file of a GPU run of bench/e2e.py")
+
+
+def warmup(argv: list[str]) -> None:
+    """``python -m attnreuse warmup ...``: the arguments go to ``attnreuse.warmup.main`` unchanged."""
+    try:
+        module = importlib.import_module("attnreuse.warmup")
+    except ModuleNotFoundError as e:
+        if e.name != "attnreuse.warmup":
+            raise
+        sys.exit("python -m attnreuse warmup: this attnreuse install has no attnreuse.warmup; update attnreuse")
+    module.main(argv)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m attnreuse")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="sample the embedded model with the full sampler, HURRY, PHAST and fewer steps")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--reuse", type=int, default=10)
-    p.add_argument("--classes", type=int, nargs="+", default=[0, 2, 3, 5, 7, 8])
-    p.add_argument("--cache-dtype", default=None, help="map storage: fp16, bf16, fp32 or fp8")
-    p.add_argument("--out", default="attnreuse_demo.png")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["warmup"]:  # its own parser reads the rest, --help included
+        return warmup(argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m attnreuse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,warmup}")
+    sub.add_parser("warmup", help="compile and cache the Triton kernels for a model before its first generation "
+                                  "(python -m attnreuse warmup --help)")
+    p = sub.add_parser("demo", help="sample the embedded model with the full sampler, HURRY, PHAST and fewer steps",
+                       description=DEMO_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps of the full sampler, ≥ 2")
+    p.add_argument("--reuse", type=int, default=10, metavar="R",
+                   help="reuse steps in the HURRY and PHAST schedules, 0 ≤ R < N (PHAST is shipped for N=20, "
+                        "R=5/10/15)")
+    p.add_argument("--classes", type=int, nargs="+", default=[0, 2, 3, 5, 7, 8], metavar="C",
+                   help="digits to sample, one grid column each, 0-9")
+    p.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
+                   help="how cached maps are stored: fp16, bf16, fp32 or fp8 (e4m3 with a per-row scale: half "
+                        "the bytes of fp16); default: the model's dtype")
+    p.add_argument("--out", default="attnreuse_demo.png", metavar="FILE.png",
+                   help="the labelled image grid; its folder must exist")
+    p.add_argument("--rho-from", metavar="E2E_JSON",
+                   help="take the reuse-step cost ρ from this `bench/e2e.py --json` file of a GPU run instead of "
+                        "the package's measured figures")
     args = parser.parse_args(argv)
+    check(parser, args)
     demo(args)
 
 

@@ -1,4 +1,4 @@
-"""PHAST: greedy search for a reuse schedule, starting from HURRY (see METHOD.md).
+"""PHAST: greedy search for a reuse schedule, starting from HURRY (Hunter et al., arXiv:2401.01008).
 
 A neighbour of a schedule swaps one reuse step with one computing step (never the first), so the
 number of reuse steps stays fixed. Each round evaluates every unseen neighbour of the current schedule;

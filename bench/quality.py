@@ -4,8 +4,11 @@ On held-out (class, seed) pairs (never the calibration pairs PHAST searched on),
 at N steps and each reuse count r: PSNR and SSIM against the full N-step sample for HURRY, PHAST, early
 reuse, random schedules, fp16 and fp8 instead of model-dtype maps, attention-output reuse (the T-GATE / PAB
 strategy) and step reduction at equal cost. A reuse step costs ρ of a computing step, so a schedule costs
-``#compute + ρ·#reuse`` steps; step reduction runs the most steps that cost no more. Writes ``quality.md``,
-``quality.csv`` and ``quality.png`` (PSNR against relative latency) into ``--out``.
+``#compute + ρ·#reuse`` steps; step reduction runs the most steps that cost no more. ρ is measured on GPUs
+(per card and resolution: ``attnreuse/measured.json``, or ``--rho-from`` a ``bench/e2e.py --json`` file); with
+no measurement, the labelled assumptions of ``measured.json`` (the paper's 0.31, the H200 SDPA ceiling 0.90).
+Writes ``quality.md``, ``quality.csv`` and ``quality.png`` (PSNR against relative latency) into ``--out``
+(``out/quality`` by default).
 """
 from __future__ import annotations
 
@@ -15,21 +18,21 @@ import math
 import random
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
+from skimage.metrics import structural_similarity
 
 import attnreuse
+from attnreuse import measured
 from attnreuse.embedded import CALIBRATION, HELD_OUT, generate, load_default, searched_schedules
 from attnreuse.schedule import to_string
 
-# ρ, the cost of a reuse step relative to a computing step: the paper's (SD1.5, materialised attention),
-# and the best any attention reuse reaches on an H200 with SDPA (SD1.5 512², attention removed entirely,
-# CUDA graphs: 10.68 / 11.86 ms, ../shared/anchors/h200-unet-ceiling-2026-11.json).
-RHOS = {"paper": 0.31, "h200_ceiling": 0.90}
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
-    from skimage.metrics import structural_similarity
     return np.array([structural_similarity(a[0].numpy(), b[0].numpy(), data_range=1.0, win_size=7)
                      for a, b in zip(images.double(), reference.double())])
 
@@ -43,7 +46,7 @@ def random_schedule(steps: int, r: int, seed: int) -> tuple[int, ...]:
     return tuple(0 if i in reuse else 1 for i in range(steps))
 
 
-def evaluate(args) -> list[dict]:
+def evaluate(args, rhos: list[measured.Rho]) -> list[dict]:
     rows = []
     searched = searched_schedules()
     for sched_name in args.schedulers:
@@ -62,8 +65,8 @@ def evaluate(args) -> list[dict]:
                    "schedule": "" if schedule is None else to_string(schedule),
                    "steps": steps, "compute_steps": steps - n_reuse, "reuse_steps": n_reuse,
                    "psnr": p.mean().item(), "psnr_std": p.std().item(), "ssim": float(s.mean())}
-            for key, rho in RHOS.items():
-                row[f"latency_{key}"] = (steps - n_reuse + rho * n_reuse) / args.steps
+            for rho in rhos:
+                row[f"latency_{rho.label}"] = (steps - n_reuse + rho.value * n_reuse) / args.steps
             rows.append(row)
             print(f"{sched_name:5} r={r!s:>3} {method:22} {row['schedule']:>22} {row['psnr']:6.2f} dB "
                   f"SSIM {row['ssim']:.3f}", flush=True)
@@ -86,40 +89,37 @@ def evaluate(args) -> list[dict]:
             for i in range(args.random):
                 record(f"random #{i}", random_schedule(args.steps, r, seed=i), r=r)
             record("output reuse (hurry)", hurry, r=r, target="output")
-            for key, rho in RHOS.items():
-                n = math.floor(args.steps - r * (1 - rho))  # the most steps that cost no more
-                record(f"{n} steps (ρ {key})", images=run(n), steps=n, r=r)
+            for rho in rhos:
+                n = math.floor(args.steps - r * (1 - rho.value))  # the most steps that cost no more
+                record(f"{n} steps (ρ {rho.label})", images=run(n), steps=n, r=r)
     return rows
 
 
-def write(rows: list[dict], out: Path, steps: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write(rows: list[dict], out: Path, steps: int, rhos: list[measured.Rho]) -> None:
     with open(out / "quality.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     lines = [f"PSNR / SSIM against the full {steps}-step sample, held-out pairs. Relative latency = "
-             f"(compute + ρ·reuse) / {steps} for ρ = " + ", ".join(f"{v} ({k})" for k, v in RHOS.items()) + ".", "",
-             "| scheduler | r | method | schedule | PSNR dB | SSIM | " + " | ".join(f"latency ρ={v}" for v in
-                                                                            RHOS.values()) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(RHOS)]
+             f"(compute + ρ·reuse) / {steps}, a reuse step costing ρ of a computing step:", "",
+             *(f"- ρ = {rho.value} ({rho.label}): {rho.source}" for rho in rhos), "",
+             "| scheduler | r | method | schedule | PSNR dB | SSIM | " + " | ".join(f"latency ρ={rho.value}" for rho in
+                                                                            rhos) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(rhos)]
     for row in rows:
-        lat = " | ".join(f"{row[f'latency_{k}']:.2f}" for k in RHOS)
+        lat = " | ".join(f"{row[f'latency_{rho.label}']:.2f}" for rho in rhos)
         lines.append(f"| {row['scheduler']} | {row['r']} | {row['method']} | `{row['schedule'] or '-'}` | "
                      f"{row['psnr']:.2f} ± {row['psnr_std']:.2f} | {row['ssim']:.3f} | {lat} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     schedulers = sorted({r["scheduler"] for r in rows})
-    fig, axes = plt.subplots(len(schedulers), len(RHOS), figsize=(6 * len(RHOS), 4 * len(schedulers)),
+    fig, axes = plt.subplots(len(schedulers), len(rhos), figsize=(6 * len(rhos), 4 * len(schedulers)),
                              squeeze=False)
     families = {"hurry": "hurry", "phast": "phast", "early": "early", "random": "random",
                 "output reuse": "output reuse (hurry)", "fewer steps": " steps (ρ "}
     for i, sched in enumerate(schedulers):
-        for j, (key, rho) in enumerate(RHOS.items()):
+        for j, rho in enumerate(rhos):
+            key = rho.label
             ax = axes[i][j]
             for label, tag in families.items():
                 pts = [(r[f"latency_{key}"], r["psnr"]) for r in rows if r["scheduler"] == sched and (
@@ -128,16 +128,35 @@ def write(rows: list[dict], out: Path, steps: int) -> None:
                 if pts:
                     xs, ys = zip(*sorted(pts))
                     ax.plot(xs, ys, "o" if label == "random" else "o-", label=label)
-            ax.set(title=f"{sched}, ρ = {rho} ({key})", xlabel="relative latency", ylabel="PSNR vs full (dB)")
+            ax.set(title=f"{sched}, ρ = {rho.value} ({key})", xlabel="relative latency", ylabel="PSNR vs full (dB)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "quality.png", dpi=100)
 
 
+def rhos_to_use(args, error) -> list[measured.Rho]:
+    """``--rho`` values, else measured ones (``--rho-from``, else the package's), else the labelled assumptions."""
+    if args.rho:
+        try:
+            return [measured.Rho(k, float(v), "given with --rho") for k, v in (item.split("=") for item in args.rho)]
+        except ValueError:
+            error(f"--rho {' '.join(args.rho)}: pass NAME=VALUE pairs such as h100_sd15_512=0.93")
+    try:
+        found = measured.measured(args.rho_from)
+    except (OSError, ValueError, KeyError) as e:
+        error(f"--rho-from {args.rho_from}: {e}; pass the --json file of a GPU run of bench/e2e.py")
+    if found:
+        return found
+    assumed = measured.assumed()
+    print("ρ: no GPU measurement yet (attnreuse/measured.json is empty, no --rho-from): using the assumptions "
+          + "; ".join(f"{r.label} = {r.value} ({r.source})" for r in assumed), flush=True)
+    return assumed
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="out/quality")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/quality", help="folder for quality.md, .csv and .png (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--reuse", type=int, nargs="+", default=[5, 10, 15])
     ap.add_argument("--schedulers", nargs="+", default=["ddim", "dpm"])
@@ -145,22 +164,26 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=len(HELD_OUT), help="held-out pairs to use")
     ap.add_argument("--phast-rounds", type=int, default=None, help="bound a PHAST search run here")
     ap.add_argument("--tiny", action="store_true", help="a quick end-to-end run: few pairs and schedules")
+    ap.add_argument("--rho-from", metavar="E2E_JSON",
+                    help="take ρ per card and resolution from this `bench/e2e.py --json` file of a GPU run "
+                         "(reuse_fp8 / default, graph mode) instead of attnreuse/measured.json")
     ap.add_argument("--rho", nargs="+", metavar="NAME=VALUE",
-                    help="reuse-step costs to compare at, e.g. h100_sd15_512=0.93 from bench/e2e.py "
-                         "(reuse_fp8 / default, graph mode); default: " +
-                         " ".join(f"{k}={v}" for k, v in RHOS.items()))
+                    help="reuse-step costs to compare at instead, e.g. h100_sd15_512=0.93")
     args = ap.parse_args(argv)
-    if args.rho:
-        RHOS.clear()
-        RHOS.update({k: float(v) for k, v in (item.split("=") for item in args.rho)})
+    rhos = rhos_to_use(args, ap.error)
+    out = Path(args.out)
+    try:  # before the minutes of sampling
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"--out {args.out}: {e.strerror}; pick a writable folder")
     if args.tiny:
         args.steps, args.reuse, args.random, args.pairs, args.phast_rounds = 6, [2], 1, 3, 1
     args.pairs = HELD_OUT[:args.pairs]
     args.calibration = CALIBRATION[:len(args.pairs)] if args.tiny else CALIBRATION
     with torch.no_grad():
-        rows = evaluate(args)
-    write(rows, Path(args.out), args.steps)
-    print((Path(args.out) / "quality.md").read_text())
+        rows = evaluate(args, rhos)
+    write(rows, out, args.steps, rhos)
+    print((out / "quality.md").read_text())
 
 
 if __name__ == "__main__":

@@ -97,16 +97,19 @@ def build(seed: int = 0) -> tuple[UNet2DConditionModel, ClassTokens]:
     return UNet2DConditionModel(**UNET_CONFIG), ClassTokens()
 
 
-def load_default(scheduler: str = "ddim", device="cpu", dtype=torch.float32) -> DigitsPipeline:
-    """The embedded trained model as a :class:`DigitsPipeline`, loaded offline from package data."""
-    if not WEIGHTS.exists():
-        raise FileNotFoundError(f"{WEIGHTS} is missing: train it with `python -m attnreuse.embedded.train`")
+def load_default(scheduler: str = "ddim", device="cpu", dtype=torch.float32, weights=WEIGHTS) -> DigitsPipeline:
+    """The embedded trained model as a :class:`DigitsPipeline`, loaded offline from package data (or from
+    ``weights``, a file written by ``python -m attnreuse.embedded.train``)."""
+    weights = Path(weights)
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights} is missing: train it with `python -m attnreuse.embedded.train`")
     unet, tokens = build()
-    state = load_file(str(WEIGHTS))
-    tokens.table.data.copy_(state.pop("class_tokens.table"))
-    unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items()})
-    pipe = DigitsPipeline(unet.eval(), make_scheduler(scheduler), tokens.eval())
-    return pipe.to(device, dtype)
+    # the weights are loaded already in the target dtype and device: casting the built model with .to(dtype)
+    # makes diffusers warn about modules to keep in float32 (this model has none)
+    state = {k: v.to(device, dtype) for k, v in load_file(str(weights)).items()}
+    tokens.table = torch.nn.Parameter(state.pop("class_tokens.table"))
+    unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items()}, assign=True)
+    return DigitsPipeline(unet.eval(), make_scheduler(scheduler), tokens.eval())
 
 
 def generate(pipe: DigitsPipeline, pairs, steps: int = 20) -> torch.Tensor:

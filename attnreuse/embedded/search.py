@@ -2,8 +2,9 @@
 
 For each scheduler and reuse count, runs :func:`attnreuse.phast` on the calibration pairs (at most
 ``--max-rounds`` rounds, 3 by default: a round costs up to r·(N−r−1) samplings, about 100 s on 2 CPU cores)
-and writes the schedules with their search traces to ``phast.json`` beside this file (the demo and the
-quality benchmark read it).
+and writes the schedules with their search traces to ``--out`` (``out/embedded/phast.json`` by default). The
+demo and the quality benchmark read the copy shipped in the package; to ship a new search, copy it there:
+``cp out/embedded/phast.json attnreuse/embedded/phast.json``.
 """
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ import argparse
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import attnreuse
 
-from .model import CALIBRATION, HERE, generate, load_default
+from .model import CALIBRATION, generate, load_default
 
 
 def search(schedulers=("ddim", "dpm"), reuses=(5, 10, 15), steps: int = 20, epsilon: float = 0.01,
-           pairs=CALIBRATION, max_rounds=None, path=HERE / "phast.json") -> dict:
+           pairs=CALIBRATION, max_rounds=None, path="out/embedded/phast.json") -> dict:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     found = {}
     for name in schedulers:
         pipe = load_default(name)
@@ -40,8 +44,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m attnreuse.embedded.search", description=__doc__)
     p.add_argument("--epsilon", type=float, default=0.01)
     p.add_argument("--max-rounds", type=int, default=3, help="stop a search after this many rounds")
+    p.add_argument("--out", default="out/embedded/phast.json",
+                   help="where to write the schedules (default: %(default)s)")
     args = p.parse_args(argv)
-    search(epsilon=args.epsilon, max_rounds=args.max_rounds)
+    search(epsilon=args.epsilon, max_rounds=args.max_rounds, path=args.out)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,26 @@
 """Train the embedded default model on scikit-learn's digits: ``python -m attnreuse.embedded.train``.
 
-Seeded and CPU-only; writes ``digits.safetensors`` (EMA weights, fp16), ``digits.json`` (metadata) beside
-this file and a sample grid PNG. About 20 minutes on 2 CPU cores.
+Seeded and CPU-only; writes ``digits.safetensors`` (EMA weights, fp16), ``digits.json`` (metadata) and
+``digits_samples.png`` (rows = classes 0-9) into ``--out`` (``out/embedded`` by default), and says whether the
+weights are bit-identical to the package's. About 20 minutes on 2 CPU cores. To ship new weights, copy them
+into the package: ``cp out/embedded/digits.safetensors out/embedded/digits.json attnreuse/embedded/`` and
+``cp out/embedded/digits_samples.png docs/``.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
 from .grid import save_grid
-from .model import BETA_SCHEDULE, HERE, NULL_CLASS, NUM_TRAIN_TIMESTEPS, WEIGHTS, build, load_default
+from .model import BETA_SCHEDULE, NULL_CLASS, NUM_TRAIN_TIMESTEPS, WEIGHTS, build, load_default
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +32,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(data.target)
 
 
-def train(steps: int, batch: int, lr: float, ema_decay: float, cond_drop: float, seed: int, weights=WEIGHTS) -> dict:
+def train(steps: int, batch: int, lr: float, ema_decay: float, cond_drop: float, seed: int, weights: Path) -> dict:
     images, labels = digits()
     unet, tokens = build(seed)
     params = list(unet.parameters()) + list(tokens.parameters())
@@ -66,6 +71,10 @@ def train(steps: int, batch: int, lr: float, ema_decay: float, cond_drop: float,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m attnreuse.embedded.train", description=__doc__)
     p.add_argument("--steps", type=int, default=2000)
@@ -74,18 +83,19 @@ def main(argv=None) -> None:
     p.add_argument("--ema-decay", type=float, default=0.998)
     p.add_argument("--cond-drop", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", default="docs/digits_samples.png", help="where to write the sample grid")
-    p.add_argument("--weights", default=str(WEIGHTS), help="where to write the weights (the package's by default)")
+    p.add_argument("--out", default="out/embedded", help="folder for the weights, metadata and sample grid "
+                                                        "(default: %(default)s)")
     args = p.parse_args(argv)
-    meta = train(args.steps, args.batch, args.lr, args.ema_decay, args.cond_drop, args.seed, args.weights)
-    if args.weights != str(WEIGHTS):  # a reproduction run: leave the package's model alone
-        print(json.dumps(meta, indent=1))
-        return
-    (HERE / "digits.json").write_text(json.dumps(meta, indent=1) + "\n")
-    pipe = load_default()
-    rows = [pipe([c] * 8, seeds=range(8), num_inference_steps=20) for c in range(10)]
-    save_grid(rows, args.grid)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / WEIGHTS.name
+    meta = train(args.steps, args.batch, args.lr, args.ema_decay, args.cond_drop, args.seed, weights)
+    (out / "digits.json").write_text(json.dumps(meta, indent=1) + "\n")
+    pipe = load_default(weights=weights)
+    save_grid([pipe([c] * 8, seeds=range(8), num_inference_steps=20) for c in range(10)], out / "digits_samples.png")
     print(json.dumps(meta, indent=1))
+    same = sha256(weights) == sha256(WEIGHTS)
+    print(f"{weights}: {'bit-identical to' if same else 'differs from'} the package's {WEIGHTS.name} (SHA-256)")
 
 
 if __name__ == "__main__":
