@@ -1,7 +1,8 @@
 """The maps of one generation, keyed by (layer, UNet call within the step), under a memory budget.
 
-Runs inside the UNet's forward (also under ``torch.compile``): no host synchronisation, no warnings
-(budget refusals are reported by :meth:`MapCache.report` at step boundaries), only Python ints.
+``store`` and ``lookup`` run inside the UNet's forward (also under ``torch.compile``): no host
+synchronisation, no warnings, only Python ints; budget refusals are reported by :meth:`MapCache.clear`,
+which the clock calls between steps.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionImg2ImgPipeline,
                        StableDiffusionPipeline)
 from diffusers.models.attention_processor import Attention
@@ -120,10 +120,50 @@ def test_cancelled_generation_leaves_nothing_behind():
     fresh = make_pipe()
     with attnreuse.patch(fresh, attnreuse.hurry(6, 3)):
         expected = run(fresh, steps=6, seed=1)
+    def boom(pipe, i, t, kwargs):
+        if i == 4:
+            raise KeyError("boom")
+        return kwargs
+
     with attnreuse.patch(pipe, attnreuse.hurry(6, 3)) as handle:
         run(pipe, steps=6, seed=0, callback_on_step_end=cancel_at(0))
         assert handle.current is None and handle.cache_bytes == 0
         assert torch.equal(run(pipe, steps=6, seed=1), expected)
+        with pytest.raises(KeyError, match="boom"):  # fails on a reuse step, maps held
+            run(pipe, steps=6, seed=0, callback_on_step_end=boom)
+        assert handle.current is None and handle.cache_bytes == 0
+        assert torch.equal(run(pipe, steps=6, seed=1), expected)
+
+
+class IteratingPipeline(DiffusionPipeline):
+    """An older pipeline style: ``for t in self.progress_bar(timesteps)``, one UNet call per step."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, steps: int, stop_after: int | None = None):
+        self.scheduler.set_timesteps(steps)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        cond, _ = contexts(1)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if i == stop_after:
+                break
+            x = self.scheduler.step(self.unet(x, t, encoder_hidden_states=cond).sample, t, x).prev_sample
+        return x
+
+
+def test_iterated_progress_bar_drives_the_clock():
+    pipe = IteratingPipeline(make_unet("sd15"), DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    with attnreuse.patch(pipe, attnreuse.hurry_fraction(0.5)) as handle:
+        full = pipe(6)
+        pipe(6, stop_after=4)  # the loop breaks on a reuse step: the generation ends with it
+        assert handle.current is None and handle.cache_bytes == 0
+        assert torch.equal(pipe(6), full)
+    with attnreuse.patch(pipe.unet, attnreuse.hurry(6, 3)):  # the UNet alone: the timestep guess
+        assert torch.equal(pipe(6), full)
 
 
 def test_cancel_txt2img_at_step_11_then_img2img_on_the_same_unet():
