@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -120,8 +119,14 @@ def check(parser: argparse.ArgumentParser, args) -> None:
     folder = out.parent
     if not folder.is_dir():
         parser.error(f"--out {args.out}: folder {folder} does not exist; create it or pick another")
-    if not os.access(folder, os.W_OK) or out.is_dir() or (out.exists() and not os.access(out, os.W_OK)):
-        parser.error(f"--out {args.out}: cannot write there; pick a writable file path")
+    existed = out.exists()
+    try:  # the one sure test of writability: open it (minutes of sampling come before the grid is written)
+        with open(out, "ab"):
+            pass
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot write there ({e.strerror}); pick a writable file path")
+    if not existed:
+        out.unlink()
     if args.rho_from:
         try:
             measured.measured(args.rho_from)
@@ -150,23 +155,24 @@ def main(argv=None) -> None:
     sub.add_parser("warmup", help="compile and cache the Triton kernels for a model before its first generation "
                                   "(python -m attnreuse warmup --help)")
     p = sub.add_parser("demo", help="sample the embedded model with the full sampler, HURRY, PHAST and fewer steps",
-                       description=DEMO_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps of the full sampler, ≥ 2")
+                       description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20, metavar="N",
+                   help="sampling steps of the full sampler, N ≥ 2 (default: %(default)s)")
     p.add_argument("--reuse", type=int, default=10, metavar="R",
-                   help="reuse steps in the HURRY and PHAST schedules, 0 ≤ R < N (PHAST is shipped for N=20, "
-                        "R=5/10/15)")
+                   help="reuse steps in the HURRY and PHAST schedules, 0 ≤ R < N; PHAST is shipped for N = 20, "
+                        "R = 5, 10, 15 (default: %(default)s)")
     p.add_argument("--classes", type=int, nargs="+", default=[0, 2, 3, 5, 7, 8], metavar="C",
-                   help="digits to sample, one grid column each, 0-9")
+                   help="digits to sample, 0-9, one grid column each (default: 0 2 3 5 7 8)")
     p.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
                    help="how cached maps are stored: fp16, bf16, fp32 or fp8 (e4m3 with a per-row scale: half "
-                        "the bytes of fp16); default: the model's dtype")
+                        "the bytes of fp16) (default: the model's dtype, fp32 on a CPU, fp16 on a GPU)")
     p.add_argument("--out", default="attnreuse_demo.png", metavar="FILE.png",
-                   help="the labelled image grid; its folder must exist")
+                   help="the labelled image grid, a .png in an existing, writable folder (default: %(default)s)")
     p.add_argument("--rho-from", metavar="E2E_JSON",
                    help="take the reuse-step cost ρ from this `bench/e2e.py --json` file of a GPU run instead of "
-                        "the package's measured figures")
+                        "the package's measured figures (default: attnreuse/measured.json, empty until measured)")
     args = parser.parse_args(argv)
-    check(parser, args)
+    check(p, args)
     demo(args)
 
 

@@ -95,6 +95,13 @@ def test_demo_rejects_bad_arguments_before_any_work(args, message, capsys):
     assert message in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_demo_checks_out_is_writable(tmp_path, capsys):
+    (tmp_path / "grid.png").mkdir()
+    with pytest.raises(SystemExit):
+        cli(["demo", "--out", str(tmp_path / "grid.png")])
+    assert "cannot write there" in capsys.readouterr().err
+
+
 def test_warmup_subcommand_passes_its_arguments_on(monkeypatch):
     calls = []
     monkeypatch.setitem(sys.modules, "attnreuse.warmup", SimpleNamespace(main=calls.append))
