@@ -14,7 +14,8 @@ import torch
 
 from .harness import MODELS, model_attention_shapes
 
-_MAP_DTYPES = {"fp8": torch.float8_e4m3fn, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_MAP_DTYPES = {"fp4": torch.float4_e2m1fn_x2, "fp8": torch.float8_e4m3fn, "fp16": torch.float16,
+               "bf16": torch.bfloat16, "fp32": torch.float32}
 _MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from attnreuse.harness import SHAPES, bench_ms, copy_bandwidth, model_attention_shapes
-from attnreuse.kernels import FP8, CachedMap, cached_pv, capture
+from attnreuse.kernels import FP4, FP8, CachedMap, cached_pv, capture
 from attnreuse.kernels.reference import merge_heads, split_heads
 from attnreuse.kernels.triton_ops import capture_buffers, launch_cached_pv, launch_capture
 from attnreuse.kernels.tuning import RULES, VARIANTS
 
-MAP_DTYPES = {"16": torch.float16, "8": FP8}
+MAP_DTYPES = {"16": torch.float16, "8": FP8}  # the table's columns; --fp4 adds "4"
 SAGE_HEAD_DIMS = (64, 96, 128)  # sageattention 1.0.6 asserts headdim in [64, 96, 128] (core.py)
+DEVICE = "cuda"  # a CPU smoke test runs the same code in Triton's interpreter
 SCHEDULES = {"HURRY-10": "1" * 10 + "0" * 10, "PHAST-10": "11111111010001000000"}  # SD1.5, 20-step DDIM
 
 
@@ -38,8 +39,8 @@ def rel_err(got, ref) -> float:
 
 def make_inputs(shape, seed=0):
     b, h, nq, nk, d = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(b, n, h * d, device="cuda", generator=g, dtype=torch.float16) for n in (nq, nk, nk)]
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [torch.randn(b, n, h * d, device=DEVICE, generator=g, dtype=torch.float16) for n in (nq, nk, nk)]
 
 
 def error_rows(q, k, v, h, scale, rows: int = 256):
@@ -96,12 +97,12 @@ def measure(shape, bw, errors: bool = True) -> dict:
         if errors:
             r[f"capture{tag}_err"] = rel_err(out[:, :rows], o_ref)
             head = CachedMap(cmap.data[:, :, :rows].contiguous(), cmap.block_max[..., :rows].contiguous(),
-                             cmap.row_lse[..., :rows].contiguous())
+                             cmap.row_lse[..., :rows].contiguous(), cmap.kv_tokens)
             r[f"map{tag}_err"] = rel_err(head.dequantize(torch.float64), p_ref)
             r[f"pv{tag}_err"] = rel_err(pv[:, :rows], o_ref)
         del out, cmap, pv
         torch.cuda.empty_cache()
-    probs = torch.rand(b * h, nq, nk, device="cuda", dtype=torch.float16)
+    probs = torch.rand(b * h, nq, nk, device=DEVICE, dtype=torch.float16)
     vb = vh.reshape(b * h, nk, d)
     r["bmm16_ms"] = bench_ms(lambda: torch.bmm(probs, vb))
     return r
@@ -145,7 +146,7 @@ def sweep(name, shape, bw) -> dict:
                 continue
             cfg = f(rule)
             rows[f"pv{tag}/{var}"] = _timed(lambda: launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v,
-                                                                      h, cfg), cmap.nbytes / bw * 1e3, cfg)
+                                                                      h, config=cfg), cmap.nbytes / bw * 1e3, cfg)
         del cmap
     bufs = capture_buffers(q, k, v, h, FP8)
     sdpa = bench_ms(lambda: F.scaled_dot_product_attention(*(split_heads(x, h) for x in (q, k, v))))
@@ -153,7 +154,8 @@ def sweep(name, shape, bw) -> dict:
     for var, f in VARIANTS["capture"].items():
         cfg = f(rule)
         limit = sdpa + sum(t.nbytes for t in bufs[1:]) / bw * 1e3
-        rows[f"capture8/{var}"] = _timed(lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, cfg), limit, cfg)
+        rows[f"capture8/{var}"] = _timed(lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, FP8, config=cfg), limit,
+                                         cfg)
     for key, r in rows.items():
         print(f"  {name:18} {key:22} {r.get('ms', float('nan')):8.4f} ms {r.get('over_limit', float('nan')):5.2f}x "
               f"{r['config']} {r.get('error', '')}", flush=True)
@@ -172,19 +174,20 @@ def single(kernel: str, shape, variant: str, reps: int) -> None:
     """Run one kernel ``reps`` times (after one warm-up launch) for a profiler."""
     b, h, nq, nk, d = shape
     q, k, v = make_inputs(shape)
-    dtype = MAP_DTYPES[kernel[-1]]
+    dtype = {**MAP_DTYPES, "4": FP4}[kernel[-1]]
     if kernel.startswith("pv"):
         _, cmap = capture(q, k, v, h, d ** -0.5, dtype, backend="triton")
         out = torch.empty_like(q)
         cfg = VARIANTS["cached_pv"][variant](RULES["cached_pv"](d, nq, dtype))
-        fn = lambda: launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h, cfg)  # noqa: E731
+        fn = lambda: launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h, config=cfg)  # noqa: E731
     else:
         bufs = capture_buffers(q, k, v, h, dtype)
         cfg = VARIANTS["capture"][variant](RULES["capture"](d, nq, dtype))
-        fn = lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, cfg)  # noqa: E731
+        fn = lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, dtype, config=cfg)  # noqa: E731
     for _ in range(reps + 1):
         fn()
-    torch.cuda.synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     print(f"{kernel} {cfg} on {tuple(shape)}: {reps + 1} launches done")
 
 
@@ -192,7 +195,7 @@ def print_table(res: dict) -> None:
     print(f"\n{res['card']}: copy {res['copy_TBps']:.2f} TB/s. ms (error vs float64); pv: fraction of copy "
           "bandwidth, time / t_lim; capture: time / (SDPA + map bytes / copy bandwidth), target <= 1.3")
     print(f"{'shape':18} {'sdpa':>7} {'sage':>7} {'bmm16':>7} {'pv16':>19} {'pv8':>19} {'cap16':>13} {'cap8':>13} "
-          f"{'err16':>8} {'err8':>8}")
+          f"{'err16':>8} {'err8':>8}" + ("      pv4 ms / t_lim, err" if "4" in MAP_DTYPES else ""))
     notes = []
     for name, r in res["shapes"].items():
         sage = f"{r['sage_ms']:7.3f}" if "sage_ms" in r else f"{'n/a':>7}"
@@ -202,7 +205,8 @@ def print_table(res: dict) -> None:
               f"{r['pv16_ms']:7.3f} {r['pv16_frac_copy']:4.0%} {r['pv16_over_tlim']:5.2f}x "
               f"{r['pv8_ms']:7.3f} {r['pv8_frac_copy']:4.0%} {r['pv8_over_tlim']:5.2f}x "
               f"{r['capture16_ms']:7.3f} {r['capture16_over_limit']:4.2f}x {r['capture8_ms']:7.3f} "
-              f"{r['capture8_over_limit']:4.2f}x {r['pv16_err']:8.1e} {r['pv8_err']:8.1e}")
+              f"{r['capture8_over_limit']:4.2f}x {r['pv16_err']:8.1e} {r['pv8_err']:8.1e}"
+              + (f" {r['pv4_ms']:7.3f} {r['pv4_over_tlim']:5.2f}x {r['pv4_err']:8.1e}" if "pv4_ms" in r else ""))
     for n in notes:
         print("  " + n)
     if "generation" in res:
@@ -221,10 +225,14 @@ def main(argv=None):
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--no-generation", action="store_true", help="skip the whole-generation line")
     ap.add_argument("--sweep", action="store_true", help="time the config variants instead of the table")
-    ap.add_argument("--single", choices=["pv16", "pv8", "capture16", "capture8"], help="one kernel, for ncu")
+    ap.add_argument("--single", choices=["pv16", "pv8", "pv4", "capture16", "capture8", "capture4"],
+                    help="one kernel, for ncu")
     ap.add_argument("--variant", default="rule", help="config variant for --single (see tuning.VARIANTS)")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--fp4", action="store_true", help="also time 4-bit maps (capture and reuse)")
     args = ap.parse_args(argv)
+    if args.fp4:
+        MAP_DTYPES["4"] = FP4
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_table.py times Triton kernels: it needs a CUDA GPU")
     if args.single:

@@ -63,3 +63,33 @@ def test_generation_line_counts_steps_by_schedule():
     assert layers == 32 and g["sdpa_ms"] == 20 * layers and g["sage_ms"] == 10 * layers
     assert g["HURRY-10_fp8_ms"] == pytest.approx(layers * (9 + 3 + 10 * 0.4))
     assert g["PHAST-10_fp16_ms"] == pytest.approx(layers * (7 + 3 * 3 + 10 * 0.9))
+
+
+SMOKE = """
+import torch
+import attnreuse.kernels.ops as ops
+from bench import kernel_table as kt
+ops._use_triton = lambda *args: True  # the Triton path on CPU tensors
+kt.DEVICE, kt.bench_ms = "cpu", lambda fn: (fn(), 1.0)[1]
+kt.MAP_DTYPES["4"] = kt.FP4
+shape = (1, 2, 20, 150, 40)
+r = kt.measure(shape, 1e12)
+assert r["pv8_err"] < 3e-2 and r["pv4_err"] < 0.25 and r["capture16_err"] < 2e-3, r
+rows = kt.sweep("tiny", shape, 1e12)
+assert not [k for k, v in rows.items() if "error" in v], rows
+for kernel in ("pv8", "pv4", "capture8"):
+    kt.single(kernel, shape, "rule", 1)
+kt.print_table({"card": "cpu", "copy_TBps": 1.0, "shapes": {"tiny": r}})
+"""
+
+
+def test_table_runs_in_the_interpreter():
+    """The table, the sweep and the single-kernel mode on a tiny shape, in Triton's interpreter on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", SMOKE], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]

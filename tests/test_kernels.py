@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnreuse.kernels import FP8, CachedMap, cached_pv, capture
+from attnreuse.kernels import FP4, FP8, CachedMap, cached_pv, capture
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.storage import KEY_BLOCK, num_blocks
+from attnreuse.kernels.storage import KEY_BLOCK, _unpack_fp4, data_shape, num_blocks, top
 from attnreuse.kernels.triton_ops import cached_pv_op, capture_op, launch_cached_pv, launch_capture
 from tests.helpers import rel_err
 
@@ -14,8 +14,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, heads, q tokens, kv tokens, head dim): odd token counts, cross-attention's 77 keys, kv lengths
 # that are not multiples of KEY_BLOCK (partial last block), SD head dims 40/80/160 and 64
 SHAPES = [(2, 2, 37, 77, 40), (1, 3, 61, 200, 80), (1, 1, 19, 150, 160), (1, 2, 33, 300, 64)]
-BOUND = {torch.float16: 1e-3, FP8: 3e-2}
-MAP_DTYPES = [torch.float16, FP8]
+BOUND = {torch.float16: 1e-3, FP8: 3e-2, FP4: 0.15}
+MAP_DTYPES = [torch.float16, FP8, FP4]
 
 
 def inputs(shape, dtype=torch.float16, seed=0):
@@ -34,10 +34,13 @@ def out64(p, v, heads):
 
 
 def poisoned(shape, map_dtype):
-    """Output and map buffers full of NaN (0x7F is e4m3fn's NaN byte)."""
+    """Output and map buffers full of NaN (0x7F is e4m3fn's NaN byte; 0xFF two E2M1 codes of -6)."""
     b, h, nq, nk, d = shape
-    data = torch.full((b, h, nq, nk), 0x7F, dtype=torch.uint8, device=DEVICE).view(FP8) if map_dtype == FP8 else \
-        torch.full((b, h, nq, nk), float("nan"), dtype=map_dtype, device=DEVICE)
+    dshape = data_shape(b, h, nq, nk, map_dtype)
+    if map_dtype in (FP8, FP4):
+        data = torch.full(dshape, 0x7F if map_dtype == FP8 else 0xFF, dtype=torch.uint8, device=DEVICE).view(map_dtype)
+    else:
+        data = torch.full(dshape, float("nan"), dtype=map_dtype, device=DEVICE)
     nan = float("nan")
     return (torch.full((b, nq, h * d), nan, dtype=torch.float16, device=DEVICE), data,
             torch.full((b, h, num_blocks(nk), nq), nan, device=DEVICE), torch.full((b, h, nq), nan, device=DEVICE))
@@ -67,16 +70,18 @@ def test_capture(shape, map_dtype):
     p = probs64(q, k, h, scale)
     assert not out.isnan().any()
     assert rel_err(out, out64(p, v, h)) < 2e-3  # fp16 attention tolerance
-    cmap = CachedMap(data, block_max, row_lse)  # launch_capture wrote fp8 as FP8 (the ops pass uint8)
+    cmap = CachedMap(data, block_max, row_lse, nk)  # launch_capture wrote FP8/FP4 data (the ops pass uint8)
     back = cmap.dequantize(torch.float64)
     assert not back.isnan().any()
     assert rel_err(back, p) < BOUND[map_dtype]
     # every key block is stored relative to its own maximum: each block's largest entry is the dtype's top
-    blocks = torch.nn.functional.pad(data.float(), (0, num_blocks(nk) * KEY_BLOCK - nk)).unflatten(-1, (-1, KEY_BLOCK))
-    assert (blocks.amax(-1) == (448 if map_dtype == FP8 else 1)).all()
+    values = _unpack_fp4(data) if map_dtype == FP4 else data.float()
+    blocks = torch.nn.functional.pad(values[..., :nk], (0, num_blocks(nk) * KEY_BLOCK - nk)).unflatten(-1, (-1, KEY_BLOCK))
+    assert (blocks.amax(-1) == top(map_dtype)).all()
     # and the reuse kernel reads what the capture kernel wrote
     v2 = torch.randn_like(v)
-    assert rel_err(cached_pv_op(data, block_max, row_lse, v2, h), out64(p, v2, h)) < BOUND[map_dtype]
+    bytes_ = data.view(torch.uint8) if map_dtype in (FP8, FP4) else data
+    assert rel_err(cached_pv_op(bytes_, block_max, row_lse, v2, h, map_dtype), out64(p, v2, h)) < BOUND[map_dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -87,7 +92,7 @@ def test_capture_then_reuse_in_model_dtype(dtype):
     q, k, v = inputs(shape, dtype=dtype, seed=5)
     out, data, block_max, row_lse = capture_op(q, k, v, h, d ** -0.5, FP8)
     v2 = torch.randn_like(v)
-    reused = cached_pv_op(data, block_max, row_lse, v2, h)
+    reused = cached_pv_op(data, block_max, row_lse, v2, h, FP8)
     assert reused.dtype == dtype and reused.shape == out.shape
     assert rel_err(reused, out64(probs64(q, k, h, d ** -0.5), v2, h)) < 3e-2
 
@@ -105,6 +110,7 @@ def test_zero_blocks_read_as_zero():
         assert torch.isneginf(cmap.block_max[:, :, 1]).all() and cmap.dequantize()[..., KEY_BLOCK:2 * KEY_BLOCK].eq(0).all()
         out = poisoned(shape, dtype)[0]
         launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h)
+        assert not out.isnan().any()
         assert rel_err(out, out64(p, v, h)) < BOUND[dtype]
 
 
@@ -117,16 +123,17 @@ def test_strided_inputs():
     out, data, block_max, row_lse = capture_op(q, k, v, h, d ** -0.5, torch.float16)
     p = probs64(q, k, h, d ** -0.5)
     assert rel_err(out, out64(p, v, h)) < 2e-3
-    assert rel_err(cached_pv_op(data, block_max, row_lse, v, h), out64(p, v, h)) < 1e-3
+    assert rel_err(cached_pv_op(data, block_max, row_lse, v, h, torch.float16), out64(p, v, h)) < 1e-3
 
 
 def test_custom_ops_registration():
     shape = (1, 2, 16, 16, 16)
     q, k, v = inputs(shape)
-    torch.library.opcheck(capture_op, (q, k, v, 2, 0.25, FP8), test_utils=("test_schema", "test_faketensor"))
-    _, data, block_max, row_lse = capture_op(q, k, v, 2, 0.25, FP8)
-    torch.library.opcheck(cached_pv_op, (data, block_max, row_lse, v, 2),
-                          test_utils=("test_schema", "test_faketensor"))
+    for map_dtype in (FP8, FP4):
+        torch.library.opcheck(capture_op, (q, k, v, 2, 0.25, map_dtype), test_utils=("test_schema", "test_faketensor"))
+        _, data, block_max, row_lse = capture_op(q, k, v, 2, 0.25, map_dtype)
+        torch.library.opcheck(cached_pv_op, (data, block_max, row_lse, v, 2, map_dtype),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_public_api_checks_inputs_once():
@@ -177,5 +184,5 @@ def test_cached_pv_variants(variant):
     cmap = CachedMap.from_probs(p, FP8)
     out = poisoned(shape, FP8)[0]
     launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h,
-                     VARIANTS["cached_pv"][variant](cached_pv_config(d, nq, FP8)))
+                     config=VARIANTS["cached_pv"][variant](cached_pv_config(d, nq, FP8)))
     assert rel_err(out, out64(p, v, h)) < BOUND[FP8]

@@ -3,6 +3,7 @@
 Triton kernels for CUDA, PyTorch references for everything else, one storage format (:class:`CachedMap`).
 """
 from .ops import BACKENDS, backend_available, cached_pv, capture
-from .storage import FP8, CachedMap, storage_nbytes
+from .storage import FP4, FP8, KEY_BLOCK, CachedMap, storage_nbytes
 
-__all__ = ["BACKENDS", "CachedMap", "FP8", "backend_available", "cached_pv", "capture", "storage_nbytes"]
+__all__ = ["BACKENDS", "CachedMap", "FP4", "FP8", "KEY_BLOCK", "backend_available", "cached_pv", "capture",
+           "storage_nbytes"]

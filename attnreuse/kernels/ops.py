@@ -9,13 +9,13 @@ import functools
 import torch
 
 from .reference import cached_pv_reference, capture_reference
-from .storage import FP8, STORAGE_DTYPES, CachedMap
+from .storage import FP4, FP8, STORAGE_DTYPES, CachedMap
 
 BACKENDS = ("auto", "triton", "torch")
 
 
 _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAP_DTYPES = _VALUE_DTYPES + (FP8,)
+_MAP_DTYPES = _VALUE_DTYPES + (FP8, FP4)
 
 
 def _use_triton(backend: str, values: tuple[torch.Tensor, ...], map_dtype: torch.dtype) -> bool:
@@ -26,7 +26,7 @@ def _use_triton(backend: str, values: tuple[torch.Tensor, ...], map_dtype: torch
         return False
     usable = all(t.is_cuda and t.dtype in _VALUE_DTYPES for t in values) and map_dtype in _MAP_DTYPES
     if backend == "triton" and not usable:
-        raise ValueError("backend='triton' needs CUDA activations in fp16, bf16 or fp32 and maps in those or fp8; "
+        raise ValueError("backend='triton' needs CUDA activations in fp16, bf16 or fp32 and maps in those, fp8 or fp4; "
                          f"got {sorted({f'{t.device.type} {t.dtype}' for t in values})} and a {map_dtype} map: "
                          "use backend='auto' or 'torch'")
     return usable and backend_available()
@@ -63,7 +63,7 @@ def capture(q, k, v, heads: int, scale: float, map_dtype: torch.dtype, mask=None
         raise TypeError(f"maps are stored as one of {STORAGE_DTYPES}, not {map_dtype}")
     if mask is None and _use_triton(backend, (q, k, v), map_dtype):
         out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), map_dtype)
-        return out, CachedMap(data.view(map_dtype), block_max, row_lse)
+        return out, CachedMap(data.view(map_dtype), block_max, row_lse, k.shape[1])
     return capture_reference(q, k, v, heads, scale, map_dtype, mask)
 
 
@@ -78,6 +78,6 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
     if cmap.data.device != v.device:
         raise ValueError(f"cached map on {cmap.data.device}, values on {v.device}: move one of them")
     if _use_triton(backend, (v,), cmap.dtype):
-        data = cmap.data.view(torch.uint8) if cmap.dtype == FP8 else cmap.data  # fp8 crosses the op as bytes
-        return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads)
+        data = cmap.data.view(torch.uint8) if cmap.dtype in (FP8, FP4) else cmap.data  # bytes across the op
+        return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.dtype)
     return cached_pv_reference(cmap, v, heads)

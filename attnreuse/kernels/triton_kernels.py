@@ -11,7 +11,9 @@ one SD1.5 1024² self-attention map has more than 2³¹ elements.
 fp8 e4m3 maps travel as raw bytes. Stored values are non-negative, so an e4m3 byte shifted left by 7 bits
 is an fp16 bit pattern of the same value times 2⁻⁸ (mantissa and exponent fields line up, subnormals
 included): dequantising costs an integer shift instead of a conversion, and the 2⁸ folds into the final row
-scale. Quantising runs the same way backwards, with round-to-nearest-even on the dropped bits.
+scale. Quantising runs the same way backwards, with round-to-nearest-even on the dropped bits. 4-bit E2M1
+codes work the same way with a 9-bit shift (value · 2⁻¹⁴); a packed key block is unpacked into its two
+halves (low nibbles: first half of the block's keys, high nibbles: second half).
 """
 from __future__ import annotations
 
@@ -33,6 +35,24 @@ def _fp16_to_fp8_bytes(x):
 
 
 @triton.jit
+def _fp4_bytes_to_fp16(a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N / 2]`` packed bytes -> ``[BLOCK_M, BLOCK_N]`` fp16 values · 2⁻¹⁴, keys in order."""
+    a = a.to(tl.uint16)
+    keys = tl.reshape(tl.permute(tl.join(a & 15, a >> 4), (0, 2, 1)), (BLOCK_M, BLOCK_N))
+    return (keys << 9).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _fp16_to_fp4_bytes(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``x`` ``[BLOCK_M, BLOCK_N]`` in [0, 6] -> packed E2M1 bytes ``[BLOCK_M, BLOCK_N / 2]``, nearest, ties to
+    even (the thresholds of :func:`.storage.e2m1_codes`)."""
+    c = ((x > 0.25).to(tl.uint8) + (x >= 0.75).to(tl.uint8) + (x > 1.25).to(tl.uint8) + (x >= 1.75).to(tl.uint8)
+         + (x > 2.5).to(tl.uint8) + (x >= 3.5).to(tl.uint8) + (x > 5.0).to(tl.uint8))
+    lo, hi = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    return lo | (hi << 4)
+
+
+@triton.jit
 def _program_tile(H, NQ, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's (batch, head), its query rows (64-bit) and the key/head-dim ranges, with masks."""
     pid_bh = tl.program_id(1)
@@ -51,8 +71,9 @@ def cached_pv_kernel(
     stride_vb, stride_vn, stride_vh,  # V as [B, Nk, H, D], unit stride along D
     stride_ob, stride_om, stride_oh,  # O as [B, Nq, H, D], unit stride along D
     H, NQ, NK, D,
-    OUT_SCALE: tl.constexpr,  # 1 / TOP of the format (times 2⁸ for fp8 bytes dequantised by the shift)
-    FP8_BYTES: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    OUT_SCALE: tl.constexpr,  # 1 / TOP of the format (times 2⁸ / 2¹⁴ for fp8 / fp4 bytes dequantised by a shift)
+    FP8_BYTES: tl.constexpr, NATIVE_FP8: tl.constexpr, FP4_PACKED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """acc += (data_blk · V_blk) · exp2(block_max − row_lse): one fp32 multiply per row per key block.
@@ -61,7 +82,9 @@ def cached_pv_kernel(
     two dots on the same map tile: d = 40, 80, 160 cost 48, 80, 160 columns of tensor-core work instead of
     64, 128, 256 (and d = 160 keeps a 128 + 32 accumulator instead of 256)."""
     b, h, offs_m, offs_n, offs_d, mask_m, mask_d = _program_tile(H, NQ, D, BLOCK_M, BLOCK_N, BLOCK_D)
-    a_ptrs = A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_n[None, :]
+    A_STEP: tl.constexpr = BLOCK_N // 2 if FP4_PACKED else BLOCK_N  # map bytes per row per key block
+    offs_a = tl.arange(0, A_STEP)
+    a_ptrs = A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_a[None, :]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
     x_ptrs = BMAX + b * stride_xb + h * stride_xh + offs_m
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=mask_m, other=0.0)
@@ -73,7 +96,10 @@ def cached_pv_kernel(
         acc2 = tl.zeros((BLOCK_M, BLOCK_D2), dtype=tl.float32)
     for start in range(0, NK, BLOCK_N):
         mask_n = (start + offs_n) < NK
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0)
+        if FP4_PACKED:  # whole key blocks are stored (code 0 past NK)
+            a = _fp4_bytes_to_fp16(tl.load(a_ptrs, mask=mask_m[:, None], other=0), BLOCK_M, BLOCK_N)
+        else:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0)
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         f = tl.math.exp2(tl.load(x_ptrs, mask=mask_m, other=float("-inf")) - lse)  # 0 for a zero block
         if FP8_BYTES:
@@ -87,7 +113,7 @@ def cached_pv_kernel(
             v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
             acc2 += tl.dot(a, v2.to(DOT_DTYPE), input_precision=PRECISION) * f[:, None]
             v2_ptrs += BLOCK_N * stride_vn
-        a_ptrs += BLOCK_N
+        a_ptrs += A_STEP
         v_ptrs += BLOCK_N * stride_vn
         x_ptrs += stride_xn
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
@@ -109,7 +135,7 @@ def capture_kernel(
     stride_lb, stride_lh,  # row log-sum-exp [B, H, Nq]
     qk_scale,  # softmax scale · log2(e)
     H, NQ, NK, D,
-    FP8_BYTES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    FP8_BYTES: tl.constexpr, FP4_PACKED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One pass over K: per key block, p = exp2(s − m_blk) is stored (relative to the block's own maximum)
@@ -119,7 +145,8 @@ def capture_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] + offs_n[None, :].to(tl.int64) * stride_kn
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_d[None, :] + offs_n[:, None].to(tl.int64) * stride_vn
-    a_ptrs = A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_n[None, :]
+    A_STEP: tl.constexpr = BLOCK_N // 2 if FP4_PACKED else BLOCK_N  # map bytes per row per key block
+    a_ptrs = A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + tl.arange(0, A_STEP)[None, :]
     x_ptrs = BMAX + b * stride_xb + h * stride_xh + offs_m
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -134,6 +161,8 @@ def capture_kernel(
         p = tl.math.exp2(s - m_blk[:, None])  # in [0, 1], the block's maximum is 1
         if FP8_BYTES:
             tl.store(a_ptrs, _fp16_to_fp8_bytes(p * 448.0), mask=mask_m[:, None] & mask_n[None, :])
+        elif FP4_PACKED:  # p is 0 past NK: the padding of the last block stores code 0
+            tl.store(a_ptrs, _fp16_to_fp4_bytes(p * 6.0, BLOCK_M, BLOCK_N), mask=mask_m[:, None])
         else:
             tl.store(a_ptrs, p.to(A.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
         tl.store(x_ptrs, m_blk, mask=mask_m)
@@ -147,7 +176,7 @@ def capture_kernel(
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
-        a_ptrs += BLOCK_N
+        a_ptrs += A_STEP
         x_ptrs += stride_xn
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
     acc = acc / l_i[:, None]
