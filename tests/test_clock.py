@@ -170,3 +170,13 @@ def test_compiled_unet_needs_a_marked_generation_and_a_prepared_plan(monkeypatch
                 assert torch.allclose(unet(x, 800, encoder_hidden_states=context).sample, out, atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_patching_a_compiled_unet_patches_the_module_it_wraps():
+    unet = make_unet("sd15")
+    compiled = torch.compile(unet, fullgraph=True, backend="eager")  # lazy: nothing is traced here
+    handle = attnreuse.patch(compiled, "10")
+    assert handle.unet is unet and unet._attnreuse_handle is handle
+    assert all(not n.startswith("_orig_mod") for n in handle.layers)
+    attnreuse.unpatch(compiled)
+    assert not hasattr(unet, "_attnreuse_handle") and not unet._forward_pre_hooks
