@@ -47,7 +47,8 @@ class _SteppedBar:
         self._gen = generation
 
     def update(self, n: int = 1):
-        self._gen.advance(n)
+        if n:  # tqdm allows update(0): no step ended
+            self._gen.advance(n)
         return self._bar.update(n)
 
     def close(self):
