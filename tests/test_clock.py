@@ -180,3 +180,15 @@ def test_patching_a_compiled_unet_patches_the_module_it_wraps():
     assert all(not n.startswith("_orig_mod") for n in handle.layers)
     attnreuse.unpatch(compiled)
     assert not hasattr(unet, "_attnreuse_handle") and not unet._forward_pre_hooks
+
+
+@pytest.mark.parametrize("target", ["map", "output"])
+def test_a_cached_map_is_never_applied_to_another_shape(target):
+    unet = make_unet("sd15")
+    with attnreuse.patch(unet, "10", target=target) as handle:
+        for x in (torch.randn(1, 4, 16, 16), torch.randn(2, 4, 8, 8)):
+            with handle.generation(2) as gen:
+                call(unet, torch.randn(1, 4, 8, 8), 900)
+                gen.step(1)
+                with pytest.raises(RuntimeError, match="keep one batch size"):
+                    unet(x, 800, **unet_kwargs(unet, x.shape[0], torch.cat([contexts(1)[0]] * x.shape[0])))
