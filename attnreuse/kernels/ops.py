@@ -26,8 +26,8 @@ def _use_triton(backend: str, values: tuple[torch.Tensor, ...], map_dtype: torch
         return False
     usable = all(t.is_cuda and t.dtype in _VALUE_DTYPES for t in values) and map_dtype in _MAP_DTYPES
     if backend == "triton" and not usable:
-        raise ValueError("backend='triton' needs CUDA activations in fp16, bf16 or fp32 and maps in those, fp8 or fp4; "
-                         f"got {sorted({f'{t.device.type} {t.dtype}' for t in values})} and a {map_dtype} map: "
+        raise ValueError("backend='triton' needs CUDA activations in fp16, bf16 or fp32 and maps in those, fp8 "
+                         f"or fp4; got {sorted({f'{t.device.type} {t.dtype}' for t in values})} and a {map_dtype} map: "
                          "use backend='auto' or 'torch'")
     return usable and backend_available()
 

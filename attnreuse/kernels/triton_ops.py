@@ -16,9 +16,6 @@ from . import triton_kernels as tk
 from .storage import FP4, FP8, data_shape, num_blocks, top
 from .tuning import Config, block_d, cached_pv_config, capture_config, split_block_d
 
-_DOT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-VALUE_DTYPES = tuple(_DOT)
-MAP_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8, FP4)
 _BYTES = (FP8, FP4)  # stored as raw bytes
 
 
@@ -88,8 +85,8 @@ def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: fl
         data.stride(0), data.stride(1), data.stride(2), block_max.stride(0), block_max.stride(1), block_max.stride(2),
         row_lse.stride(0), row_lse.stride(1),
         scale * math.log2(math.e), h, nq, nk, d,
-        FP8_BYTES=map_dtype == FP8, FP4_PACKED=map_dtype == FP4, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_D=block_d(d),
-        **config.launch_args())
+        FP8_BYTES=map_dtype == FP8, FP4_PACKED=map_dtype == FP4, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        BLOCK_D=block_d(d), **config.launch_args())
 
 
 @torch.library.custom_op("attnreuse::cached_pv", mutates_args=())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .storage import FP8, KEY_BLOCK
+from .storage import FP4, FP8, KEY_BLOCK
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -46,12 +46,12 @@ def split_block_d(head_dim: int) -> tuple[int, int]:
 def cached_pv_config(head_dim: int, q_tokens: int, map_dtype: torch.dtype) -> Config:
     """Reuse: a stream over the map. Rows of 128 queries halve V re-reads against 64 (one V pass per row
     tile); few query tokens take 64 rows so a batch-2 layer still fills the GPU. Deep pipelines keep loads
-    in flight: fp8 tiles are half the bytes of fp16 ones, so they get one more stage in the same memory.
+    in flight: fp8/fp4 tiles are half (a quarter) of the bytes of fp16 ones: one more stage in the same memory.
     Head dims that are no power of two run as two dots (``split_d``) instead of one padded dot."""
     if INTERPRET:
         return Config(16, 1, 1, split_d=True)
     bd = block_d(head_dim)
-    fp8 = map_dtype == FP8
+    fp8 = map_dtype in (FP8, FP4)
     if bd >= 256:
         return Config(64, 8, 2, split_d=True)
     block_m = 64 if q_tokens <= 1024 else 128
