@@ -24,10 +24,15 @@ def run(args, cwd, timeout=300):
     return proc.stdout
 
 
+def skip_outputs(folder, names) -> set[str]:
+    """What a build of the tree does not read: VCS data, build and test outputs, virtualenvs."""
+    skip = {".git", "build", "dist", "out", "__pycache__", ".pytest_cache", ".benchmarks"}
+    return {n for n in names if n in skip or n.endswith(".egg-info") or (Path(folder, n, "pyvenv.cfg")).exists()}
+
+
 def test_wheel_installs_beside_hugging_face_kernels(tmp_path):
     # a copy of the tree, so that the build's egg-info and build/ never land in the working tree
-    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "out", "*.egg-info", "__pycache__", ".pytest_cache", ".benchmarks"))
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=skip_outputs)
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path / "wheels", src], tmp_path)
     (wheel,) = (tmp_path / "wheels").glob("attnreuse-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
