@@ -173,7 +173,7 @@ def _codes() -> dict[str, Code]:
                 "u4": dict(levels=tuple(k / 15 for k in range(16)))}
     for name, kw in four_bit.items():
         c[f"{name} row"] = Code(f"{name} row", "grid", **kw)
-        for b in (16, 32, 64):
+        for b in (16, 32, 64, 128):
             c[f"{name} b{b}"] = Code(f"{name} b{b}", "grid", block=b, **kw)
     variants = {"e2m1 b16": [("e8", dict(scale="e8")), ("e4m3", dict(scale="e4m3"))],
                 "log½ b16": [("e8", dict(scale="e8lat")), ("lin", dict(rounding="linear")), ("Σ", dict(rowsum=True))],
@@ -182,6 +182,8 @@ def _codes() -> dict[str, Code]:
                              ("Σ", dict(rowsum=True))],
                 "log⅓ b32": [("fp16", dict(scale="fp16")), ("Σ", dict(rowsum=True))],
                 "log⅓ b64": [("Σ", dict(rowsum=True)), ("running", dict(anchor="running"))],
+                "log⅓ b128": [("Σ", dict(rowsum=True))],
+                "ue2m2 b128": [("Σ", dict(rowsum=True))],
                 "ue2m2 b16": [("fp16", dict(scale="fp16")), ("bf16", dict(scale="bf16")), ("Σ", dict(rowsum=True))],
                 "ue2m2 b32": [("fp16", dict(scale="fp16")), ("Σ", dict(rowsum=True))],
                 "ue2m2 b64": [("running", dict(anchor="running"))]}
@@ -192,9 +194,10 @@ def _codes() -> dict[str, Code]:
 
 
 CODES = _codes()
-# codes run end to end on the embedded model (its rows have 4, 16 or 64 keys: a block of 64 or more is a row)
-E2E_CODES = ("fp32", "fp16", "fp8 row", "e2m1 row", "e2m1 b16", "e2m1 b32", "log½ row", "log½ b16", "log½ b32",
-             "log⅓ b16", "log⅓ b32", "log⅓ b64", "log⅓ b16 Σ", "log⅓ b64 Σ", "ue2m2 b16", "ue2m2 b16 Σ")
+# codes run end to end on the embedded model (its rows have 4, 16 or 64 keys: a block of 64 or more is a row,
+# so b128, attnreuse's key block, is one scale per row here)
+E2E_CODES = ("fp32", "fp16", "fp8 row", "e2m1 b16", "e2m1 b32", "e2m1 b128", "log½ b16", "log½ b32", "log½ b128",
+             "log⅓ b16", "log⅓ b32", "log⅓ b128", "log⅓ b16 Σ", "log⅓ b128 Σ", "ue2m2 b16", "ue2m2 b128 Σ")
 
 
 # ----------------------------------------------------------------------------------------------- kernel table
@@ -529,7 +532,7 @@ def main(argv=None):
     if args.tiny:
         args.steps, args.reuse, args.schedulers, args.pairs = 6, [2], ["ddim"], 3
         args.keys, args.rows, args.map_pairs, args.map_steps = [1024], 4, 2, (2,)
-        args.e2e_codes = ["fp32", "fp16", "fp8 row", "e2m1 b16", "ue2m2 b16"]
+        args.e2e_codes = ["fp32", "fp16", "fp8 row", "e2m1 b128", "log⅓ b128 Σ"]
     unknown = sorted(set(args.e2e_codes) - set(CODES) - {"fp32"})
     if unknown:
         raise SystemExit(f"unknown codes {unknown}: pick from {['fp32', *CODES]}")
