@@ -1,11 +1,12 @@
-"""Fidelity of compressed attention maps: ``python bench/fidelity.py --out docs`` (about 10 minutes on 2 CPU cores).
+"""Fidelity of compressed attention maps: ``python bench/fidelity.py --out docs`` (7 minutes of CPU time, 13 minutes
+on 2 CPU cores shared with other work).
 
 A cached map is stored in fewer bits than the model computes it in; this measures what that costs, for
 fp16, fp8 e4m3 (per row and per key block) and 4-bit codes (two per byte) with a scale per (row, key block):
 
 * **kernel table**: relative error of ``Â·V`` against float64 ``A·V`` on long synthetic rows (softmax of
   Gaussian logits from diffuse to peaked, a few spikes, a local peak on a 2-D grid), and on the embedded
-  model's own maps (16–64 keys);
+  model's own maps (4, 16 and 64 keys);
 * **end-to-end table**: PSNR against the full sampler on the embedded model's held-out pairs, for HURRY and
   PHAST with DDIM and DPM-Solver++, with the map reuse emulated here (:class:`EmulatedReuse`) so that any code
   can be tried without touching the kernels. The emulation is checked against ``attnreuse.patch`` first.
@@ -211,7 +212,7 @@ def synthetic_logits(case: str, rows: int, keys: int, g: torch.Generator) -> tor
         idx = torch.randint(keys, (rows, 4), generator=g)
         return z.scatter_add(1, idx, torch.full((rows, 4), 8.0, dtype=torch.float64))
     if case == "local":
-        side = int(math.isqrt(keys))
+        side = math.isqrt(keys)
         yx = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
         centre = torch.randint(side, (rows, 1, 2), generator=g)
         d2 = ((yx[None] - centre) ** 2).sum(-1).double()
