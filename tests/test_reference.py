@@ -6,7 +6,7 @@ import torch
 
 from attnreuse.kernels import FP4, FP8, CachedMap, cached_pv, capture, storage_nbytes
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.storage import E2M1_VALUES, KEY_BLOCK, e2m1_codes
+from attnreuse.kernels.storage import KEY_BLOCK, log3_codes, log3_values
 from tests.helpers import rel_err
 
 
@@ -92,20 +92,28 @@ def test_block_format_at_least_as_accurate_as_row_scaling(kind):
 
 
 def test_fp4_per_block_scales_keep_the_tail():
-    """4-bit E2M1 codes: one scale per key block instead of per row roughly halves the error of A·V on long
-    diffuse rows (the tail of small probabilities no longer rounds to zero)."""
+    """4-bit log⅓ codes: one scale per key block instead of per row keeps the tail of long diffuse rows, and
+    the row-sum correction makes every stored row sum to one."""
     p = synthetic_rows("diffuse")
     v = torch.randn(1, 4096, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     rowmax = p.amax(-1, keepdim=True)
-    per_row = torch.tensor(E2M1_VALUES, dtype=torch.float64)[e2m1_codes(p / rowmax * 6).long()] * rowmax / 6
+    per_row = log3_values()[log3_codes(p / rowmax).long()].double() * rowmax
     cmap = CachedMap.from_probs(p, FP4)
+    back = cmap.dequantize(torch.float64)
     assert cmap.data.shape[-1] == 4096 // 2 and cmap.shape == p.shape
-    assert rel_err(cmap.dequantize(torch.float64) @ v, p @ v) < 0.6 * rel_err(per_row @ v, p @ v)
+    assert (back.sum(-1) - 1).abs().max() < 1e-6
+    assert rel_err(back @ v, p @ v) < 0.6 * rel_err(per_row @ v, p @ v)
 
 
-def test_e2m1_rounds_to_nearest_even():
-    x = torch.tensor([0.0, 0.25, 0.3, 0.75, 1.2, 1.25, 1.75, 2.5, 3.5, 4.9, 5.0, 6.0])
-    assert e2m1_codes(x).tolist() == [0, 0, 1, 2, 2, 2, 4, 4, 6, 6, 6, 7]
+def test_log3_code():
+    """Nearest level 2^(−c/3) in the log domain, zero from 3·log2(max/p) ≥ 17 on; decoded as the kernels do."""
+    rel = torch.tensor([1.0, 2 ** (-1 / 3), 2 ** (-1.4 / 3), 2 ** (-1.6 / 3), 2 ** (-14 / 3), 2 ** (-16.9 / 3),
+                        2 ** (-17.1 / 3), 0.0], dtype=torch.float64)
+    assert log3_codes(rel).tolist() == [0, 1, 1, 2, 14, 14, 15, 15]
+    c = torch.arange(16)
+    q = (11 * c) >> 5
+    bits = 0x3C00 - (q << 10) - torch.tensor([0, 0x1A7, 0x2F6])[c - 3 * q]  # the kernels' decode
+    assert torch.equal(torch.where(c == 15, 0, bits).to(torch.int16).view(torch.float16), log3_values())
 
 
 def test_zero_blocks_and_stats():

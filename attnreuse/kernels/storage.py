@@ -23,11 +23,15 @@ probabilities the same way (``block_max = log2(block max)``, ``row_lse = 0``).
 scale per 128 keys keeps long diffuse rows as accurate as fp16 scaling would (see bench/KERNEL_NOTES.md).
 fp64 maps (statistics in fp64) are for the PyTorch reference only.
 
-4-bit maps (``FP4``, torch's ``float4_e2m1fn_x2``): ``data`` holds E2M1 codes of ``exp2(s − m_blk) · 6`` (values
-{0, .5, 1, 1.5, 2, 3, 4, 6}, round to nearest even), two per byte, as ``[B, H, Nq, NB · KEY_BLOCK / 2]``; byte
-``i`` of key block ``k`` holds key ``k·KEY_BLOCK + i`` in its low nibble and key ``k·KEY_BLOCK + KEY_BLOCK/2 + i``
-in its high nibble (block-planar, so a kernel unpacks a block into its two halves without shuffling keys);
-keys past ``Nk`` in the last block are code 0. ``CachedMap.kv_tokens`` keeps ``Nk``.
+4-bit maps (``FP4``; torch's ``float4_e2m1fn_x2`` is only the one-byte container of two codes): third-octave
+log codes ("log⅓", chosen by fidelity, docs/fidelity.md): ``c = round(3·(m_blk − s))`` for ``3·(m_blk − s) < 17``
+(at most 14), else 15; value ``2^(−c/3)`` (1 down to 1/25.4; 15 = zero), relative to the block's maximum
+(``TOP`` = 1). Row-sum correction: ``row_lse`` is the log2 of the sum of the *stored* values
+(``Σ_blk exp2(m_blk) · Σ_j v(c_j)``), so every stored row sums to exactly one. Two codes per byte,
+block-planar: byte ``i`` of key block ``k`` holds key ``k·KEY_BLOCK + i`` in its low nibble and key
+``k·KEY_BLOCK + KEY_BLOCK/2 + i`` in its high nibble (a kernel unpacks a block into its two halves without
+shuffling keys); data ``[B, H, Nq, NB · KEY_BLOCK / 2]``, keys past ``Nk`` are code 15; ``CachedMap.kv_tokens``
+keeps ``Nk``.
 """
 from __future__ import annotations
 
@@ -37,15 +41,15 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
-FP4 = torch.float4_e2m1fn_x2
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code c (3 bits, sign 0) -> value
+FP4 = torch.float4_e2m1fn_x2  # container of two 4-bit log⅓ codes
+LOG3_ZERO = 15  # the code of 0
 KEY_BLOCK = 128
 STORAGE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, FP8, FP4)
 
 
 def top(dtype: torch.dtype) -> float:
     """The value a block's largest entry is stored as."""
-    return {FP8: FP8_MAX, FP4: E2M1_VALUES[-1]}.get(dtype, 1.0)
+    return FP8_MAX if dtype == FP8 else 1.0
 
 
 def num_blocks(kv_tokens: int) -> int:
@@ -62,12 +66,17 @@ def data_shape(batch: int, heads: int, q_tokens: int, kv_tokens: int, dtype: tor
     return (batch, heads, q_tokens, last)
 
 
-def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
-    """Nearest E2M1 code (ties to even) of ``x`` in [0, 6], as uint8 0..7."""
-    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=x.dtype, device=x.device)
-    c = torch.bucketize(x, mids)  # a tie goes to the lower code ...
-    tie = (c < len(mids)) & (x == mids[c.clamp(max=len(mids) - 1)])
-    return (c + (tie & (c % 2 == 1))).to(torch.uint8)  # ... unless that code is odd
+def log3_codes(rel: torch.Tensor) -> torch.Tensor:
+    """4-bit codes of ``rel`` = value / block maximum in [0, 1]: nearest level ``2^(−c/3)`` in the log domain,
+    zero below half the smallest level (``3·log2(1/rel) ≥ 17``); uint8 0..15."""
+    t = -3.0 * torch.log2(rel)  # +inf for 0
+    c = torch.floor(t + 0.5).clamp(max=14)
+    return torch.where(t < 17, c, LOG3_ZERO).to(torch.uint8)
+
+
+def log3_values(device=None) -> torch.Tensor:
+    """Decoded value of each code, as the kernels decode it: fp16(2^(−c/3)), and 0 for code 15."""
+    return torch.tensor([2.0 ** (-c / 3) for c in range(LOG3_ZERO)] + [0.0], device=device).half()
 
 
 def _pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -80,7 +89,7 @@ def _unpack_fp4(data: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_fp4`: ``[..., NB · KEY_BLOCK / 2]`` bytes -> ``[..., NB · KEY_BLOCK]`` values."""
     b = data.view(torch.uint8).unflatten(-1, (-1, KEY_BLOCK // 2))
     codes = torch.cat([b & 15, b >> 4], dim=-1).flatten(-2)
-    return torch.tensor(E2M1_VALUES, device=data.device)[codes.long()]
+    return log3_values(data.device)[codes.long()]
 
 
 @dataclass(frozen=True)
@@ -141,12 +150,16 @@ class CachedMap:
         p = torch.nn.functional.pad(probs.to(sd), (0, nb * KEY_BLOCK - nk)).view(b, h, nq, nb, KEY_BLOCK)
         bmax = p.amax(-1, keepdim=True)  # 0 for a block whose probabilities all underflowed
         rel = torch.where(bmax > 0, p / bmax, 0.0) * top(dtype)
+        row_lse = probs.new_zeros((b, h, nq), dtype=sd)  # normalised rows: log2 of the sum is 0
         if dtype == FP4:
-            data = _pack_fp4(e2m1_codes(rel)).view(FP4)
+            codes = log3_codes(rel)
+            data = _pack_fp4(codes).view(FP4)
+            stored = (log3_values(probs.device)[codes.long()].to(sd) * bmax).sum((-1, -2))
+            row_lse = torch.log2(stored)  # the row-sum correction: stored rows sum to one
         else:
             data = rel.view(b, h, nq, nb * KEY_BLOCK)[..., :nk].to(dtype).contiguous()
         block_max = torch.log2(bmax.squeeze(-1)).transpose(2, 3).contiguous()  # -inf for a zero block
-        return cls(data, block_max, probs.new_zeros((b, h, nq), dtype=sd), nk)
+        return cls(data, block_max, row_lse, nk)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The map as probabilities in ``dtype`` (materialises a full copy: for tests and references)."""

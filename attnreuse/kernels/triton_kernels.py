@@ -11,9 +11,9 @@ one SD1.5 1024² self-attention map has more than 2³¹ elements.
 fp8 e4m3 maps travel as raw bytes. Stored values are non-negative, so an e4m3 byte shifted left by 7 bits
 is an fp16 bit pattern of the same value times 2⁻⁸ (mantissa and exponent fields line up, subnormals
 included): dequantising costs an integer shift instead of a conversion, and the 2⁸ folds into the final row
-scale. Quantising runs the same way backwards, with round-to-nearest-even on the dropped bits. 4-bit E2M1
-codes work the same way with a 9-bit shift (value · 2⁻¹⁴); a packed key block is unpacked into its two
-halves (low nibbles: first half of the block's keys, high nibbles: second half).
+scale. Quantising runs the same way backwards, with round-to-nearest-even on the dropped bits. 4-bit log⅓
+codes are decoded to fp16 bit patterns by integer arithmetic (no table, no exp); a packed key block is
+unpacked into its two halves (low nibbles: first half of the block's keys, high nibbles: second half).
 """
 from __future__ import annotations
 
@@ -35,19 +35,32 @@ def _fp16_to_fp8_bytes(x):
 
 
 @triton.jit
-def _fp4_bytes_to_fp16(a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N / 2]`` packed bytes -> ``[BLOCK_M, BLOCK_N]`` fp16 values · 2⁻¹⁴, keys in order."""
-    a = a.to(tl.uint16)
-    keys = tl.reshape(tl.permute(tl.join(a & 15, a >> 4), (0, 2, 1)), (BLOCK_M, BLOCK_N))
-    return (keys << 9).to(tl.float16, bitcast=True)
+def _log3_to_fp16(c):
+    """4-bit log⅓ code -> fp16(2^(−c/3)), 0 for code 15: q = c div 3 (as (11c) >> 5), r = c − 3q."""
+    c = c.to(tl.int32)
+    q = (11 * c) >> 5
+    r = c - 3 * q
+    bits = 0x3C00 - (q << 10) - tl.where(r == 0, 0, tl.where(r == 1, 0x1A7, 0x2F6))
+    return tl.where(c == 15, 0, bits).to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def _fp16_to_fp4_bytes(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``x`` ``[BLOCK_M, BLOCK_N]`` in [0, 6] -> packed E2M1 bytes ``[BLOCK_M, BLOCK_N / 2]``, nearest, ties to
-    even (the thresholds of :func:`.storage.e2m1_codes`)."""
-    c = ((x > 0.25).to(tl.uint8) + (x >= 0.75).to(tl.uint8) + (x > 1.25).to(tl.uint8) + (x >= 1.75).to(tl.uint8)
-         + (x > 2.5).to(tl.uint8) + (x >= 3.5).to(tl.uint8) + (x > 5.0).to(tl.uint8))
+def _fp4_bytes_to_fp16(a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N / 2]`` packed bytes -> ``[BLOCK_M, BLOCK_N]`` fp16 values, keys in order."""
+    keys = tl.reshape(tl.permute(tl.join(a & 15, a >> 4), (0, 2, 1)), (BLOCK_M, BLOCK_N))
+    return _log3_to_fp16(keys)
+
+
+@triton.jit
+def _log3_codes(s, m_blk):
+    """Codes of exp2(s − m_blk): round(3·(m_blk − s)) up to 14, 15 (zero) from 17 on (and for s = −inf)."""
+    t = (m_blk[:, None] - s) * 3.0
+    return tl.where(t < 17.0, tl.minimum(tl.floor(t + 0.5), 14.0), 15.0).to(tl.uint8)
+
+
+@triton.jit
+def _pack_fp4(c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes ``[BLOCK_M, BLOCK_N]`` -> bytes ``[BLOCK_M, BLOCK_N / 2]``: key i low nibble, key i + BLOCK_N/2 high."""
     lo, hi = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     return lo | (hi << 4)
 
@@ -71,7 +84,7 @@ def cached_pv_kernel(
     stride_vb, stride_vn, stride_vh,  # V as [B, Nk, H, D], unit stride along D
     stride_ob, stride_om, stride_oh,  # O as [B, Nq, H, D], unit stride along D
     H, NQ, NK, D,
-    OUT_SCALE: tl.constexpr,  # 1 / TOP of the format (times 2⁸ / 2¹⁴ for fp8 / fp4 bytes dequantised by a shift)
+    OUT_SCALE: tl.constexpr,  # 1 / TOP of the format (times 2⁸ for fp8 bytes dequantised by the shift)
     FP8_BYTES: tl.constexpr, NATIVE_FP8: tl.constexpr, FP4_PACKED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -96,7 +109,7 @@ def cached_pv_kernel(
         acc2 = tl.zeros((BLOCK_M, BLOCK_D2), dtype=tl.float32)
     for start in range(0, NK, BLOCK_N):
         mask_n = (start + offs_n) < NK
-        if FP4_PACKED:  # whole key blocks are stored (code 0 past NK)
+        if FP4_PACKED:  # whole key blocks are stored (code 15, zero, past NK)
             a = _fp4_bytes_to_fp16(tl.load(a_ptrs, mask=mask_m[:, None], other=0), BLOCK_M, BLOCK_N)
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0)
@@ -151,6 +164,7 @@ def capture_kernel(
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    l_stored = tl.zeros((BLOCK_M,), dtype=tl.float32)  # fp4: sum of the stored values (row-sum correction)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start in range(0, NK, BLOCK_N):
         mask_n = (start + offs_n) < NK
@@ -161,8 +175,9 @@ def capture_kernel(
         p = tl.math.exp2(s - m_blk[:, None])  # in [0, 1], the block's maximum is 1
         if FP8_BYTES:
             tl.store(a_ptrs, _fp16_to_fp8_bytes(p * 448.0), mask=mask_m[:, None] & mask_n[None, :])
-        elif FP4_PACKED:  # p is 0 past NK: the padding of the last block stores code 0
-            tl.store(a_ptrs, _fp16_to_fp4_bytes(p * 6.0, BLOCK_M, BLOCK_N), mask=mask_m[:, None])
+        elif FP4_PACKED:  # s is -inf past NK: the padding of the last block stores code 15 (zero)
+            codes = _log3_codes(s, m_blk)
+            tl.store(a_ptrs, _pack_fp4(codes, BLOCK_M, BLOCK_N), mask=mask_m[:, None])
         else:
             tl.store(a_ptrs, p.to(A.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
         tl.store(x_ptrs, m_blk, mask=mask_m)
@@ -170,6 +185,8 @@ def capture_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         beta = tl.math.exp2(m_blk - m_new)
         l_i = l_i * alpha + tl.sum(p, 1) * beta
+        if FP4_PACKED:
+            l_stored = l_stored * alpha + tl.sum(_log3_to_fp16(codes).to(tl.float32), 1) * beta
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot((p * beta[:, None]).to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None],
                      input_precision=PRECISION)
@@ -178,7 +195,8 @@ def capture_kernel(
         v_ptrs += BLOCK_N * stride_vn
         a_ptrs += A_STEP
         x_ptrs += stride_xn
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+    lse = m_i + tl.math.log2(l_stored if FP4_PACKED else l_i)  # fp4: stored rows sum to one
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=mask_m)
     acc = acc / l_i[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])

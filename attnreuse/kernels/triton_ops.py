@@ -53,7 +53,7 @@ def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, map_dtype: to
     d = v4.shape[-1]
     o4 = out.view(b, nq, h, d)
     config = config or cached_pv_config(d, nq, map_dtype)
-    shift = {FP8: 1.0 if config.native_fp8 else 2.0 ** 8, FP4: 2.0 ** 14}.get(map_dtype, 1.0)  # see tk's docstring
+    shift = 2.0 ** 8 if map_dtype == FP8 and not config.native_fp8 else 1.0  # see tk's docstring
     dot_dtype, precision = _dot_dtype(v.dtype, torch.float16 if map_dtype in _BYTES else map_dtype)
     split = split_block_d(d) if config.split_d else (block_d(d), 0)
     tk.cached_pv_kernel[(triton.cdiv(nq, config.block_m), b * h)](
