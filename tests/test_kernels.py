@@ -153,7 +153,8 @@ def test_public_api_checks_inputs_once():
         cached_pv(cmap, v[:, :8].float().cpu(), 1)
 
 
-def test_public_api_compiles_without_graph_breaks(monkeypatch):
+@pytest.mark.parametrize("map_dtype", [FP8, FP4])
+def test_public_api_compiles_without_graph_breaks(monkeypatch, map_dtype):
     """The path a patched UNet takes under torch.compile: validation, the ops, CachedMap, in one graph."""
     from attnreuse.kernels import ops
     monkeypatch.setattr(ops, "_use_triton", lambda *args: True)  # the Triton path on CPU tensors (interpreter)
@@ -161,7 +162,7 @@ def test_public_api_compiles_without_graph_breaks(monkeypatch):
     q, k, v = inputs(shape)
 
     def step(q, k, v):
-        _, cmap = capture(q, k, v, 2, 0.25, FP8)
+        _, cmap = capture(q, k, v, 2, 0.25, map_dtype)
         return cached_pv(cmap, v, 2)
 
     assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(q, k, v), step(q, k, v))
