@@ -40,14 +40,20 @@ def _rho(entry: dict) -> Rho:
 def e2e_entries(path) -> list[dict]:
     """``measured.json`` entries from a ``bench/e2e.py --json`` file (graph-mode cases only)."""
     path = Path(path)
-    results = json.loads(path.read_text())
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e}): pass the --json file of a GPU run of bench/e2e.py") from e
     written = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
     date = results.get("date") or written.date()
-    entries = [{"card": results["card"], "arch": c["arch"], "px": c["px"], "date": str(date),
-                "default_ms": c["default"]["graph"], "reuse_fp8_ms": c["reuse_fp8"]["graph"],
-                "rho": round(c["reuse_fp8"]["graph"] / c["default"]["graph"], 3),
-                "source": f"bench/e2e.py, torch {results.get('torch', '?')}"}
-               for c in results["cases"] if c.get("mode") == "graph"]
+    try:
+        entries = [{"card": results["card"], "arch": c["arch"], "px": c["px"], "date": str(date),
+                    "default_ms": c["default"]["graph"], "reuse_fp8_ms": c["reuse_fp8"]["graph"],
+                    "rho": round(c["reuse_fp8"]["graph"] / c["default"]["graph"], 3),
+                    "source": f"bench/e2e.py, torch {results.get('torch', '?')}"}
+                   for c in results["cases"] if c.get("mode") == "graph"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path} lacks the field {e}: pass the --json file of a GPU run of bench/e2e.py") from e
     if not entries:
         raise ValueError(f"{path} has no CUDA-graph cases (a CPU dry run?): pass the --json of a GPU run of "
                          "bench/e2e.py")

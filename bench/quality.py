@@ -144,8 +144,8 @@ def rhos_to_use(args, error) -> list[measured.Rho]:
             error(f"--rho {' '.join(args.rho)}: pass NAME=VALUE pairs such as h100_sd15_512=0.93")
     try:
         found = measured.measured(args.rho_from)
-    except (OSError, ValueError, KeyError) as e:
-        error(f"--rho-from {args.rho_from}: {e}; pass the --json file of a GPU run of bench/e2e.py")
+    except ValueError as e:
+        error(f"--rho-from {args.rho_from}: {e}")
     if found:
         return found
     assumed = measured.assumed()
