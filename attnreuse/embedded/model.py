@@ -71,6 +71,7 @@ class DigitsPipeline(DiffusionPipeline):
     def __init__(self, unet: UNet2DConditionModel, scheduler, class_tokens: ClassTokens):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, class_tokens=class_tokens)
+        self.set_progress_bar_config(disable=True)  # a sampling of 8x8 digits takes well under a second
 
     @torch.no_grad()
     def __call__(self, classes, seeds, num_inference_steps: int = 20, guidance_scale: float = 2.0) -> torch.Tensor:
@@ -84,11 +85,14 @@ class DigitsPipeline(DiffusionPipeline):
         context = self.class_tokens(torch.cat([torch.full_like(classes, NULL_CLASS), classes])).to(dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents * self.scheduler.init_noise_sigma
-        for t in self.scheduler.timesteps:
-            x = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            eps_uncond, eps_cond = self.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            latents = self.scheduler.step(eps, t, latents).prev_sample
+        # the progress bar is how a patched pipeline counts its steps (attnreuse.sampler)
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
+            for t in self.scheduler.timesteps:
+                x = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+                eps_uncond, eps_cond = self.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                latents = self.scheduler.step(eps, t, latents).prev_sample
+                progress.update()
         return ((latents.float() + 1) / 2).clamp(0, 1)
 
 
