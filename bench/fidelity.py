@@ -137,7 +137,7 @@ def quantise(probs: torch.Tensor, code: Code) -> tuple[torch.Tensor, float]:
     if code.kind == "fp16":
         return probs.to(torch.float16).double(), nbytes
     if code.kind == "fp8" and code.block is None and code.anchor == "own" and code.fp8_top == FP8_MAX:
-        # today's storage format, exactly (kernels/storage.py): fp32 arithmetic, e4m3 data, fp32 row scale
+        # the first storage format, exactly: fp32 arithmetic, e4m3 data, fp32 row scale
         p = probs.float()
         rowmax = p.amax(dim=-1, keepdim=True)
         rowmax = torch.where(rowmax > 0, rowmax, torch.ones_like(rowmax))
