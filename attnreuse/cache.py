@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from .kernels import CachedMap
+from .kernels import CachedMap, storage_nbytes
 
 
 class MapCache:
@@ -27,12 +27,13 @@ class MapCache:
         key = (layer, call)
         old = self.maps.pop(key, None)
         if old is not None:
-            self.bytes -= old.nbytes
-        if self.max_bytes is not None and self.bytes + entry.nbytes > self.max_bytes:
+            self.bytes -= _nbytes(old)
+        nbytes = _nbytes(entry)
+        if self.max_bytes is not None and self.bytes + nbytes > self.max_bytes:
             self.declined.add(key)
             return
         self.maps[key] = entry
-        self.bytes += entry.nbytes
+        self.bytes += nbytes
 
     def lookup(self, layer: str, call: int) -> CachedMap | torch.Tensor | None:
         """The entry of ``layer`` for UNet call ``call`` of the capture step; None if the budget declined it."""
@@ -57,3 +58,11 @@ class MapCache:
         self.maps.clear()
         self.declined.clear()
         self.bytes = 0
+
+
+def _nbytes(entry: CachedMap | torch.Tensor) -> int:
+    """Bytes of an entry, from its shape: ``Tensor.nbytes`` fails on the symbolic shapes of a torch.compile'd
+    UNet that has seen a second resolution."""
+    if isinstance(entry, CachedMap):
+        return storage_nbytes(*entry.shape, entry.dtype)
+    return entry.numel() * entry.element_size()

@@ -18,12 +18,13 @@ Who drives the clock, best first:
   than where an abandoned one stopped from a continuation of it, and it counts one step per timestep
   (multi-evaluation schedulers such as Heun need one of the two ways above).
 
-The UNet's pre-hook and the processors read only ``kind``, ``call``, ``held`` and the cache: compiled
-graphs then guard on the step kind, not on the step index.
+The UNet's pre-hook and the processors read only ``kind``, ``call``, ``held``, ``policies`` and the cache:
+compiled graphs then guard on the step kind, not on the step index.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 
 import torch
@@ -57,6 +58,8 @@ class Generation:
         self.captured_calls = 0  # UNet calls of the last capture step
         self.step_calls = 0  # UNet calls of the previous step
         self.held = False
+        self.ended = False
+        self.policies: dict = {}  # layer name -> LayerPolicy, set by the UNet's pre-hook for this input
         self.outer: Generation | None = None  # a marked generation this one is nested in
 
     # ---- driven by the sampler / the user (outside the UNet's forward) -----------------------------------
@@ -69,6 +72,8 @@ class Generation:
 
     def advance(self, n: int = 1) -> None:
         """The sampler finished ``n`` steps."""
+        if self.ended:  # e.g. handle.reset() inside the sampler's loop: an ended generation stays ended
+            return
         self._leave_step()
         self.step_index += n
         self.calls = self.call = 0
@@ -87,12 +92,22 @@ class Generation:
     def __enter__(self) -> "Generation":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        # As many UNet calls as steps, all in step 0: gen.step(i) was forgotten, and nothing was reused.
+        stuck = exc_type is None and not self.held and self.step_index == 0 and self.n_reuse and \
+            self.calls >= self.num_steps
         self.end()
+        if stuck:
+            warnings.warn(f"attnreuse: all {self.calls} UNet calls of this {self.num_steps}-step generation ran as "
+                          "step 0, so no step reused: call gen.step(i) before the UNet calls of step i", stacklevel=2)
 
     def _set(self, index: int, hold: bool) -> None:
+        if self.ended:
+            raise RuntimeError("attnreuse: this generation has ended (its maps are gone); start a new one with "
+                               "`with handle.generation(num_steps) as gen:`")
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_steps:
-            raise ValueError(f"step {index!r} is outside this generation's {self.num_steps} steps")
+            raise ValueError(f"step {index!r}: pass an int from 0 to {self.num_steps - 1}, this generation's "
+                             f"{self.num_steps} steps")
         self._leave_step()
         self.step_index, self.kind, self.held = index, self.actions[index], hold
         self.calls = self.call = 0
@@ -165,7 +180,7 @@ class Clock:
 
     def end(self, gen: Generation) -> None:
         """End ``gen`` (idempotent): its maps are dropped; an outer marked generation becomes current again."""
-        gen.kind = None
+        gen.kind, gen.ended = None, True
         gen.cache.clear()
         with self._lock:
             self.peak_bytes = max(self.peak_bytes, gen.cache.peak_bytes)

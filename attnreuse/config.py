@@ -30,7 +30,7 @@ def as_cache_dtype(value) -> torch.dtype | str | None:
     if dtype not in _DTYPE_NAMES.values():
         raise ValueError(
             f"cache_dtype={value!r} is not supported: pass None (the model's dtype), 'fp32', 'fp16', 'bf16', "
-            "'fp8' (e4m3 with a per-row scale) or 'auto'")
+            "'fp8' (e4m3: half the bytes of fp16) or 'auto'")
     return dtype
 
 
@@ -47,7 +47,7 @@ class ReuseConfig:
             (``attn2``), or a predicate on the layer's module name, e.g.
             ``lambda name: name.startswith("up_blocks")``. Other layers always compute.
         cache_dtype: storage of cached maps: ``None`` = the model's dtype, or ``"fp32"``, ``"fp16"``,
-            ``"bf16"``, ``"fp8"`` (e4m3 with a per-row scale: half the bytes of fp16), or ``"auto"``: per
+            ``"bf16"``, ``"fp8"`` (e4m3: about half the bytes of fp16), or ``"auto"``: per
             layer, whichever of the model's dtype and fp8 saves more time on this device.
         max_cache_bytes: a memory budget for cached maps. With it (or ``cache_dtype="auto"``), a plan
             measured on this device decides per layer whether reuse pays and fits (``handle.plan``); maps
@@ -75,7 +75,8 @@ class ReuseConfig:
             raise ValueError(f"backend={self.backend!r}: pass one of {BACKENDS}")
         if self.target not in TARGETS:
             raise ValueError(f"target={self.target!r}: pass one of {TARGETS}")
-        if self.max_cache_bytes is not None and not self.max_cache_bytes >= 0:
+        budget = self.max_cache_bytes
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0):
             raise ValueError(f"max_cache_bytes={self.max_cache_bytes!r}: pass a number of bytes >= 0, or None")
         if self.planned and self.target != "map":
             raise ValueError("max_cache_bytes and cache_dtype='auto' plan map reuse: use them with target='map'")
@@ -91,14 +92,14 @@ class ReuseConfig:
             return bool(self.layers(name))
         return self.layers == "all" or (self.layers == "cross") == is_cross_attention
 
-    def initial_policy(self) -> "LayerPolicy":
-        """The policy of a selected layer before any plan: a planned config reuses nothing until planned."""
-        return LayerPolicy(reuse=False) if self.planned else LayerPolicy(reuse=True, map_dtype=self.cache_dtype)
+    def fixed_policy(self) -> "LayerPolicy":
+        """The policy of every selected layer when no plan decides (neither budget nor ``"auto"``)."""
+        return LayerPolicy(reuse=True, map_dtype=self.cache_dtype)
 
 
 @dataclass(frozen=True)
 class LayerPolicy:
-    """What one patched layer does, resolved once (at patch time, or when a plan is made).
+    """What one patched layer does, resolved once (at patch time, or when a plan for an input shape is made).
 
     ``reuse``: whether the layer captures and reuses at all (False: it always computes);
     ``map_dtype``: storage of its maps, ``None`` = the dtype of the layer's values.

@@ -27,7 +27,8 @@ def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_
         schedule, layers, cache_dtype, max_cache_bytes, backend, target: see :class:`attnreuse.ReuseConfig`.
 
     Returns a :class:`ReuseHandle` (also a context manager that unpatches on exit). Patching a patched
-    model replaces the earlier patch; everything is validated first, so a rejected patch changes nothing.
+    model replaces the earlier patch, and the pipelines that drove the earlier patch's steps drive the new
+    one's; everything is validated first, so a rejected patch changes nothing.
     """
     config = ReuseConfig(schedule=schedule, layers=layers, cache_dtype=cache_dtype, max_cache_bytes=max_cache_bytes,
                          backend=backend, target=target)
@@ -36,9 +37,11 @@ def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_
     chosen = _find_layers(unet, config, previous)  # validates everything before anything changes
     if pipe is not None:
         _check_pipeline(pipe, previous)
+    pipes = [pipe] if pipe is not None else []
     if previous is not None:
+        pipes += [p for p in previous._pipes if p is not pipe]  # they share this UNet: keep counting its steps
         previous.remove()
-    return ReuseHandle(unet, config, chosen, pipe)
+    return ReuseHandle(unet, config, chosen, pipes)
 
 
 def unpatch(model) -> None:
@@ -95,23 +98,24 @@ class _LayerNames:
 class ReuseHandle:
     """A live patch: the clock (steps, per-thread generations), the plan, and the way back (:meth:`remove`)."""
 
-    def __init__(self, unet: torch.nn.Module, config: ReuseConfig, layers: dict[str, Attention], pipe=None):
+    def __init__(self, unet: torch.nn.Module, config: ReuseConfig, layers: dict[str, Attention], pipes=()):
         self.unet = unet
         self.config = config
         self.clock = Clock(config.schedule, config.max_cache_bytes)
-        self._plans: dict[tuple, list[LayerPlan]] = {}  # by input shape, dtype, device and step counts
-        self._plan_key: tuple | None = None
+        # Plans and their policies by input shape, dtype, device and step counts: each generation uses its own.
+        self._plans: dict[tuple, list[LayerPlan]] = {}
+        self._policies: dict[tuple, dict[str, LayerPolicy]] = {}
+        self._plan_key: tuple | None = None  # the plan made last
         self._originals = {name: m.processor for name, m in layers.items()}
+        self._fixed_policies = dict.fromkeys(layers, config.fixed_policy())
         kind = OutputReuseProcessor if config.target == "output" else MapReuseProcessor
-        self._processors = {name: kind(name, m.processor, self.clock, config.initial_policy(), config.backend)
-                            for name, m in layers.items()}
         for name, m in layers.items():
-            m.set_processor(self._processors[name])
+            m.set_processor(kind(name, m.processor, self.clock, config.backend))
         self._hooks = (unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
                        unet.register_forward_hook(self._after_unet_call))
         self._pipes: list = []
         setattr(unet, _HANDLE_ATTR, self)
-        if pipe is not None:
+        for pipe in pipes:
             self.attach(pipe)
 
     # ---- what users read --------------------------------------------------------------------------------
@@ -147,7 +151,7 @@ class ReuseHandle:
 
     @property
     def plan(self) -> list[LayerPlan] | None:
-        """The per-layer plan in force (``max_cache_bytes`` or ``cache_dtype="auto"``), else None."""
+        """The per-layer plan made last (``max_cache_bytes`` or ``cache_dtype="auto"``), else None."""
         return self._plans.get(self._plan_key)
 
     # ---- what users call --------------------------------------------------------------------------------
@@ -176,7 +180,7 @@ class ReuseHandle:
         """Make the per-layer plan (kernel timing) for UNet inputs like these, ahead of sampling: needed
         before a compiled UNet runs with ``max_cache_bytes`` or ``cache_dtype="auto"``."""
         gen = Generation(self.clock, self.config.schedule.resolve(num_steps))
-        self._use_plan(self._key(sample, encoder_hidden_states, gen), sample, encoder_hidden_states.shape[1])
+        self._make_plan(self._key(sample, encoder_hidden_states, gen), sample, encoder_hidden_states.shape[1])
         return self.plan
 
     def reset(self) -> None:
@@ -222,16 +226,19 @@ class ReuseHandle:
         sample = kwargs["sample"] if "sample" in kwargs else args[0]
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         gen = self.clock.for_call(sample, timestep)
-        if self.config.planned:
-            context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
-            key = self._key(sample, context, gen)
-            if key != self._plan_key:
-                if torch.compiler.is_compiling():
-                    raise RuntimeError(
-                        "attnreuse: max_cache_bytes / cache_dtype='auto' need a plan (kernel timing) for input "
-                        f"{tuple(sample.shape)}, which cannot be made inside torch.compile: call "
-                        "handle.prepare(sample, encoder_hidden_states, num_steps) before the compiled UNet runs")
-                self._use_plan(key, sample, context.shape[1])
+        if not self.config.planned:
+            gen.policies = self._fixed_policies
+            return
+        context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        key = self._key(sample, context, gen)
+        if key not in self._policies:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "attnreuse: max_cache_bytes / cache_dtype='auto' need a plan (kernel timing) for input "
+                    f"{tuple(sample.shape)}, which cannot be made inside torch.compile: call "
+                    "handle.prepare(sample, encoder_hidden_states, num_steps) before the compiled UNet runs")
+            self._make_plan(key, sample, context.shape[1])
+        gen.policies = self._policies[key]
 
     def _after_unet_call(self, module, args, output):
         self.clock.after_call()
@@ -240,8 +247,8 @@ class ReuseHandle:
     def _key(sample: torch.Tensor, context: torch.Tensor, gen: Generation) -> tuple:
         return (tuple(sample.shape), context.shape[1], sample.dtype, sample.device, gen.n_reuse, gen.n_capture)
 
-    def _use_plan(self, key: tuple, sample: torch.Tensor, context_tokens: int) -> None:
-        """Make (once per key) and install the plan: each processor gets its policy."""
+    def _make_plan(self, key: tuple, sample: torch.Tensor, context_tokens: int) -> None:
+        """Make the plan for ``key`` (once) and the per-layer policies it gives."""
         if key not in self._plans:
             shapes = layer_shapes(self.unet, self.layers, key[0], context_tokens)
             dtype = self.config.cache_dtype
@@ -250,6 +257,5 @@ class ReuseHandle:
             self._plans[key] = make_plan(
                 shapes, measured_cost(sample.device, sample.dtype, self.config.backend), dtypes,
                 n_reuse=key[4], n_capture=key[5], max_bytes=math.inf if budget is None else budget)
-        for p in self._plans[key]:
-            self._processors[p.name].policy = LayerPolicy(reuse=p.reuse, map_dtype=p.dtype)
+            self._policies[key] = {p.name: LayerPolicy(reuse=p.reuse, map_dtype=p.dtype) for p in self._plans[key]}
         self._plan_key = key

@@ -1,8 +1,9 @@
 """Attention processors that compute, capture or reuse as the current step's kind says.
 
-Each processor gets its layer's :class:`~attnreuse.config.LayerPolicy` once and reads, per call, only the
-kind of the current step and the index of the UNet call within it, from its thread's
-:class:`~attnreuse.clock.Generation`; maps live in that generation's cache.
+Each processor reads, per call, from its thread's :class:`~attnreuse.clock.Generation` only the kind of the
+current step, the index of the UNet call within it and its layer's :class:`~attnreuse.config.LayerPolicy`
+(resolved once per plan: a plan depends on the input shape, so two threads sampling at two resolutions
+each need their own); maps live in that generation's cache.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from . import kernels
 from .kernels.reference import merge_heads, split_heads
 
-from .clock import Clock
+from .clock import Clock, Generation
 from .config import LayerPolicy
 from .schedule import Action
 
@@ -33,19 +34,19 @@ def check_supported(name: str, attn: torch.nn.Module, processor) -> None:
 
 
 class _Patched:
-    def __init__(self, name: str, original, clock: Clock, policy: LayerPolicy, backend: str):
+    def __init__(self, name: str, original, clock: Clock, backend: str):
         self.name = name
         self.original = original
         self.clock = clock
-        self.policy = policy
         self.backend = backend
 
-    def _kind(self):
-        """The current generation and what this layer does in this call."""
+    def _kind(self) -> tuple[Generation | None, LayerPolicy | None, Action]:
+        """The current generation, this layer's policy in it and what the layer does in this call."""
         gen = self.clock.current
-        if gen is None or not self.policy.reuse:
-            return gen, Action.COMPUTE
-        return gen, gen.kind
+        if gen is None:  # the layer runs outside a UNet call
+            return None, None, Action.COMPUTE
+        policy = gen.policies[self.name]
+        return gen, policy, gen.kind if policy.reuse else Action.COMPUTE
 
 
 class OutputReuseProcessor(_Patched):
@@ -53,7 +54,7 @@ class OutputReuseProcessor(_Patched):
     (T-GATE / PAB style), ignoring its current input."""
 
     def __call__(self, attn: Attention, hidden_states, *args, **kwargs):
-        gen, kind = self._kind()
+        gen, _, kind = self._kind()
         if kind is Action.REUSE:
             cached = gen.cache.lookup(self.name, gen.call)
             if cached is not None:
@@ -77,7 +78,7 @@ class MapReuseProcessor(_Patched):
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        gen, kind = self._kind()
+        gen, policy, kind = self._kind()
         cached = gen.cache.lookup(self.name, gen.call) if kind is Action.REUSE else None
         if kind is Action.COMPUTE or (kind is Action.REUSE and cached is None):  # None: over the budget
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -115,7 +116,7 @@ class MapReuseProcessor(_Patched):
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[1], key.shape[0])
                 mask = mask.view(key.shape[0], attn.heads, -1, mask.shape[-1])
             hidden_states, cmap = kernels.capture(query, key, value, attn.heads, attn.scale,
-                                                  self.policy.map_dtype or value.dtype, mask, backend=self.backend)
+                                                  policy.map_dtype or value.dtype, mask, backend=self.backend)
             gen.cache.store(self.name, gen.call, cmap)
 
         hidden_states = attn.to_out[0](hidden_states)

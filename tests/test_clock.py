@@ -138,6 +138,14 @@ def test_guess_is_per_thread():
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
+@torch.no_grad()
+def _two_steps(unet, handle, x, context):
+    with handle.generation(2) as gen:
+        unet(x, 900, encoder_hidden_states=context)
+        gen.step(1)
+        return unet(x, 800, encoder_hidden_states=context).sample
+
+
 def _compiled(unet):
     torch._dynamo.reset()
     return torch.compile(unet, fullgraph=True, backend="eager")
@@ -160,14 +168,11 @@ def test_compiled_unet_needs_a_marked_generation_and_a_prepared_plan(monkeypatch
             assert handle.plan is None
             plan = handle.prepare(x, context, num_steps=2)
             assert plan is handle.plan and all(p.reuse for p in plan)
-            with handle.generation(2) as gen:
-                compiled(x, 900, encoder_hidden_states=context)
-                gen.step(1)
-                out = compiled(x, 800, encoder_hidden_states=context).sample
-            with handle.generation(2) as gen:
-                unet(x, 900, encoder_hidden_states=context)
-                gen.step(1)
-                assert torch.allclose(unet(x, 800, encoder_hidden_states=context).sample, out, atol=1e-5)
+            large = torch.randn(2, 4, 16, 16)
+            handle.prepare(large, context, num_steps=2)  # the plan made last is another shape's
+            for sample in (x, large):  # the second shape makes its dimensions symbolic
+                out = _two_steps(compiled, handle, sample, context)
+                assert torch.allclose(_two_steps(unet, handle, sample, context), out, atol=1e-5)
     finally:
         torch._dynamo.reset()
 
@@ -192,3 +197,61 @@ def test_a_cached_map_is_never_applied_to_another_shape(target):
                 gen.step(1)
                 with pytest.raises(RuntimeError, match="keep one batch size"):
                     unet(x, 800, **unet_kwargs(unet, x.shape[0], torch.cat([contexts(1)[0]] * x.shape[0])))
+
+
+def test_an_ended_generation_cannot_be_stepped():
+    unet = make_unet("sd15")
+    with attnreuse.patch(unet, attnreuse.hurry(4, 2)) as handle:
+        with handle.generation(4) as gen:
+            call(unet, torch.randn(1, 4, 8, 8), 900)
+            with pytest.raises(ValueError, match="pass an int from 0 to 3"):
+                gen.step(1.0)
+        for misuse in (lambda: gen.step(1), lambda: gen.hold(1)):
+            with pytest.raises(RuntimeError, match=r"has ended.*handle.generation\(num_steps\)"):
+                misuse()
+        gen.advance()  # the sampler's late update: no effect
+        assert gen.kind is None and handle.current is None
+
+
+def _planned_costs(monkeypatch):
+    """Only the 8x8 top level pays: plans differ per resolution."""
+    monkeypatch.setattr(patch_module, "measured_cost", lambda device, dtype, backend: (
+        lambda s, dtype: LayerCost(1.0, 1.2, 0.2) if s.q_tokens == 64 else LayerCost(1.0, 1.5, 2.0)))
+
+
+def test_plans_for_two_resolutions_in_two_threads(monkeypatch):
+    """Each generation uses the plan for its own input: threads at two resolutions do not swap plans."""
+    import threading
+
+    _planned_costs(monkeypatch)
+    unet = make_unet("sd15")
+    context = torch.cat(contexts(1))
+    inputs = {size: torch.randn(2, 4, size, size) for size in (8, 16)}
+    with attnreuse.patch(unet, "10", cache_dtype="auto") as handle:
+        expected = {size: _two_steps(unet, handle, x, context) for size, x in inputs.items()}
+        got, errors = {size: [] for size in inputs}, []
+        barrier = threading.Barrier(2)
+
+        def worker(size):
+            barrier.wait()
+            try:
+                for _ in range(3):
+                    got[size].append(_two_steps(unet, handle, inputs[size], context))
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(size,)) for size in inputs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert all(torch.equal(out, expected[size]) for size, outs in got.items() for out in outs)
+
+
+def test_forgetting_gen_step_warns():
+    unet = make_unet("sd15")
+    with attnreuse.patch(unet, attnreuse.hurry(4, 2)) as handle:
+        with pytest.warns(UserWarning, match=r"all 4 UNet calls .* ran as step 0.*gen.step\(i\)"):
+            with handle.generation(4):
+                for t in (900, 700, 500, 300):
+                    call(unet, torch.randn(1, 4, 8, 8), t)

@@ -264,6 +264,8 @@ def test_bad_arguments():
         attnreuse.patch(unet, "10", layers="mlp")
     with pytest.raises(ValueError, match="selects none"):
         attnreuse.patch(unet, "10", layers=lambda name: False)
+    with pytest.raises(ValueError, match="max_cache_bytes='1GB': pass a number of bytes"):
+        attnreuse.patch(unet, "10", max_cache_bytes="1GB")
     with pytest.raises(ValueError, match="backend='cuda'"):
         attnreuse.patch(unet, "10", backend="cuda")
     with pytest.raises(ValueError, match="needs CUDA"):

@@ -266,3 +266,15 @@ def test_compiled_unet_one_graph_per_step_kind():
             pipe.unet = unet
             torch._dynamo.reset()
     assert torch.allclose(first, eager, rtol=1e-4, atol=1e-5) and torch.equal(first, second)
+
+
+def test_patching_through_a_second_pipeline_keeps_the_first_counting_steps():
+    first = make_pipe(HeunDiscreteScheduler)
+    second = StableDiffusionPipeline.from_pipe(first)
+    with attnreuse.patch(first, attnreuse.hurry_fraction(0.5)):
+        expected = run(first)
+    attnreuse.patch(first, "111111")
+    handle = attnreuse.patch(second, attnreuse.hurry_fraction(0.5))  # replaces the patch made through `first`
+    assert torch.equal(run(first), expected)
+    handle.remove()
+    assert "progress_bar" not in first.__dict__ and "progress_bar" not in second.__dict__
