@@ -52,7 +52,9 @@ class SkipAttention:
 class Bench:
     def __init__(self, arch: str, px: int, device, dtype, reps: int, graphs: bool):
         torch.manual_seed(0)
-        self.unet = UNet2DConditionModel(sample_size=px // 8, **CONFIGS[arch]).to(device, dtype).eval()
+        self.unet = UNet2DConditionModel(sample_size=px // 8, **CONFIGS[arch]).eval()
+        # torch's own cast: diffusers' ModelMixin.to warns on any dtype cast of a model built in code
+        torch.nn.Module.to(self.unet, device, dtype)
         self.device, self.reps, self.graphs = device, reps, graphs
         cfg = self.unet.config
         lat = px // 8
