@@ -16,7 +16,7 @@ from attnreuse import measured
 from attnreuse.embedded import generate, load_default, searched_schedules
 from attnreuse.embedded.grid import save_grid
 
-CACHE_DTYPES = ("fp16", "bf16", "fp32", "fp8")
+CACHE_DTYPES = ("fp16", "bf16", "fp32", "fp8", "fp4")
 DEMO_HELP = """\
 Samples the embedded model (class-conditional 8x8 digits, 20-step DDIM by default) four ways: the full
 sampler, HURRY (compute the first STEPS-REUSE steps, reuse the attention maps for the last REUSE), PHAST
@@ -162,8 +162,9 @@ def main(argv=None) -> None:
     p.add_argument("--classes", type=int, nargs="+", default=[0, 2, 3, 5, 7, 8], metavar="C",
                    help="digits to sample, 0-9, one grid column each (default: 0 2 3 5 7 8)")
     p.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
-                   help="how cached maps are stored: fp16, bf16, fp32 or fp8 (e4m3 with a per-row scale: half "
-                        "the bytes of fp16) (default: the model's dtype, fp32 on a CPU, fp16 on a GPU)")
+                   help="how cached maps are stored: fp16, bf16, fp32, fp8 (e4m3, one scale per row and 128-key "
+                        "block: about half the bytes of fp16) or fp4 (4-bit log codes: about a quarter, for rows of "
+                        "128 keys or more) (default: the model's dtype, fp32 on a CPU, fp16 on a GPU)")
     p.add_argument("--out", default="attnreuse_demo.png", metavar="FILE.png",
                    help="the labelled image grid, a .png in an existing, writable folder (default: %(default)s)")
     p.add_argument("--rho-from", metavar="E2E_JSON",

@@ -243,6 +243,12 @@ class Clock:
                 gen.enter_call()
                 return gen
         if gen is not None:
+            if t == local.timestep and gen.step_index > 0 and shape == local.shape:
+                warnings.warn(
+                    "attnreuse: a new sample at the timestep of the running step starts a new generation, so "
+                    "nothing is reused; schedulers that evaluate the UNet twice per step (Heun, KDPM2) need the "
+                    "pipeline patch (attnreuse.patch(pipe, ...)) or `with handle.generation(num_steps) as gen:`",
+                    stacklevel=4)
             self.end(gen)
         if not isinstance(self.schedule, FixedSchedule):
             raise ValueError(

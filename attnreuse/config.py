@@ -6,7 +6,7 @@ from typing import Callable, Union
 
 import torch
 
-from .kernels import BACKENDS, FP8
+from .kernels import BACKENDS, FP4, FP8
 
 from .schedule import ScheduleLike, as_schedule_object
 
@@ -19,6 +19,7 @@ _DTYPE_NAMES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp8": FP8, "float8_e4m3fn": FP8, "e4m3": FP8,
+    "fp4": FP4,
 }
 
 
@@ -30,7 +31,7 @@ def as_cache_dtype(value) -> torch.dtype | str | None:
     if dtype not in _DTYPE_NAMES.values():
         raise ValueError(
             f"cache_dtype={value!r} is not supported: pass None (the model's dtype), 'fp32', 'fp16', 'bf16', "
-            "'fp8' (e4m3: half the bytes of fp16) or 'auto'")
+            "'fp8' (e4m3: half the bytes of fp16), 'fp4' (4-bit log codes: about a quarter) or 'auto'")
     return dtype
 
 
@@ -47,8 +48,9 @@ class ReuseConfig:
             (``attn2``), or a predicate on the layer's module name, e.g.
             ``lambda name: name.startswith("up_blocks")``. Other layers always compute.
         cache_dtype: storage of cached maps: ``None`` = the model's dtype, or ``"fp32"``, ``"fp16"``,
-            ``"bf16"``, ``"fp8"`` (e4m3: about half the bytes of fp16), or ``"auto"``: per
-            layer, whichever of the model's dtype and fp8 saves more time on this device.
+            ``"bf16"``, ``"fp8"`` (e4m3: about half the bytes of fp16), ``"fp4"`` (4-bit log codes, two per
+            byte: 0.27× the bytes of fp16; docs/fidelity.md), or ``"auto"``: per layer, whichever of the
+            model's dtype and fp8 saves more time on this device.
         max_cache_bytes: a memory budget for cached maps. With it (or ``cache_dtype="auto"``), a plan
             measured on this device decides per layer whether reuse pays and fits (``handle.plan``); maps
             that would overflow the budget are not stored (those layers compute instead).
