@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_SCRIPTS = ["e2e", "kernel_table", "quality"]
+BENCH_SCRIPTS = ["e2e", "fidelity", "kernel_table", "quality"]
 
 
 def run(args, cwd, timeout=300):
