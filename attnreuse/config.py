@@ -50,7 +50,7 @@ class ReuseConfig:
         cache_dtype: storage of cached maps: ``None`` = the model's dtype, or ``"fp32"``, ``"fp16"``,
             ``"bf16"``, ``"fp8"`` (e4m3: about half the bytes of fp16), ``"fp4"`` (4-bit log codes, two per
             byte: 0.27× the bytes of fp16; docs/fidelity.md), or ``"auto"``: per layer, whichever of the
-            model's dtype and fp8 saves more time on this device.
+            model's dtype, fp8 and fp4 saves the most time on this device.
         max_cache_bytes: a memory budget for cached maps. With it (or ``cache_dtype="auto"``), a plan
             measured on this device decides per layer whether reuse pays and fits (``handle.plan``); maps
             that would overflow the budget are not stored (those layers compute instead).

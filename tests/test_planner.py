@@ -8,8 +8,8 @@ import torch
 
 import attnreuse
 import attnreuse.patching as patch_module
-from attnreuse.planner import LayerCost, LayerShape, layer_shapes, make_plan
-from attnreuse.kernels import FP8, storage_nbytes
+from attnreuse.planner import LayerCost, LayerShape, auto_dtypes, layer_shapes, make_plan
+from attnreuse.kernels import FP4, FP8, storage_nbytes
 from tests.helpers import make_unet, sample
 
 F16 = torch.float16
@@ -201,3 +201,11 @@ def test_sd15_512_fp8_cache_fits_in_1_5_gb():
     assert len(names) == 32 and max(s.q_tokens for s in shapes.values()) == 4096
     assert 2.9e9 < total[F16] < 3.0e9  # 2.93 GB of fp16 maps
     assert total[FP8] <= 1.52e9  # 1.47 GB of fp8 data + 3 % of per-(row, 128-key block) statistics
+
+
+def test_auto_chooses_fp4_where_it_saves_most():
+    dtypes = auto_dtypes(F16)
+    assert dtypes == (F16, FP8, FP4)
+    reuse_ms = {F16: 0.16, FP8: 0.08, FP4: 0.05}
+    plan = make_plan(SHAPES, lambda s, dtype: LayerCost(0.2, 0.3, reuse_ms[dtype]), dtypes, n_reuse=10, n_capture=1)
+    assert [p.dtype for p in plan] == [FP4] * 3 and plan[0].bytes == nbytes("big", FP4) < nbytes("big", FP8)
