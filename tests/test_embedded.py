@@ -83,7 +83,7 @@ def test_grid_labels_rows_and_columns(tmp_path):
     (["--reuse", "20"], "pass 0 to 19 reuse steps"),
     (["--steps", "8", "--reuse", "-1"], "pass 0 to 7 reuse steps"),
     (["--classes", "3", "10"], "digits 0 to 9"),
-    (["--cache-dtype", "fp4"], "invalid choice"),
+    (["--cache-dtype", "int8"], "invalid choice"),
     (["--out", "grid.jpg"], "ending in .png"),
     (["--out", "no/such/folder/grid.png"], "does not exist"),
     (["--rho-from", "no-such-e2e.json"], "bench/e2e.py"),
