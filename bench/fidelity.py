@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import attnreuse
 from attnreuse.embedded import HELD_OUT, generate, load_default, searched_schedules
+from attnreuse.kernels.reference import merge_heads, split_heads
 from attnreuse.schedule import Action, actions, to_string
 
 FP8 = torch.float8_e4m3fn
@@ -258,7 +259,7 @@ def model_maps(steps: int, pairs, at_steps) -> dict[int, list[tuple[torch.Tensor
             probs = _probs(attn, q, k)
             if step["i"] in at_steps:
                 found.setdefault(k.shape[2], []).append((probs, v.double()))
-            return _finish(attn, hidden_states, merge(torch.matmul(probs, v)))
+            return _finish(attn, hidden_states, merge_heads(torch.matmul(probs, v)))
 
     pipe.unet.set_attn_processor(Recorder())
     hook = pipe.unet.register_forward_pre_hook(lambda *a: step.__setitem__("i", step["i"] + 1))
@@ -285,16 +286,6 @@ def model_table(args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- emulation
-def split(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, hd = x.shape
-    return x.view(b, n, heads, hd // heads).transpose(1, 2)
-
-
-def merge(x: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = x.shape
-    return x.transpose(1, 2).reshape(b, n, h * d)
-
-
 def _prologue(attn, hidden_states, encoder_hidden_states):
     """diffusers' AttnProcessor2_0 up to the projections: normed ``[B, N, C]`` inputs (this model has no
     spatial norm, group norm, q/k norms or masks: :func:`check_plain` says so)."""
@@ -310,7 +301,7 @@ def _prologue(attn, hidden_states, encoder_hidden_states):
 
 def _qkv(attn, hidden_states, encoder_hidden_states):
     hs, ehs = _prologue(attn, hidden_states, encoder_hidden_states)
-    return (split(attn.to_q(hs), attn.heads), split(attn.to_k(ehs), attn.heads), split(attn.to_v(ehs), attn.heads))
+    return tuple(split_heads(x, attn.heads) for x in (attn.to_q(hs), attn.to_k(ehs), attn.to_v(ehs)))
 
 
 def _probs(attn, q, k) -> torch.Tensor:
@@ -364,14 +355,15 @@ class EmulatedReuse:
             if action is Action.COMPUTE:
                 return original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)
             hs, ehs = _prologue(attn, hidden_states, encoder_hidden_states)
-            v = split(attn.to_v(ehs), attn.heads)
+            v = split_heads(attn.to_v(ehs), attn.heads)
             if action is Action.REUSE:
                 out = torch.matmul(self.maps[name].to(v.dtype), v)
             else:  # CAPTURE
-                probs = _probs(attn, split(attn.to_q(hs), attn.heads), split(attn.to_k(ehs), attn.heads))
+                q, k = (split_heads(x, attn.heads) for x in (attn.to_q(hs), attn.to_k(ehs)))
+                probs = _probs(attn, q, k)
                 out = torch.matmul(probs.to(v.dtype), v)
                 self.maps[name] = probs if self.code is None else quantise(probs, self.code)[0].to(probs.dtype)
-            return _finish(attn, hidden_states, merge(out))
+            return _finish(attn, hidden_states, merge_heads(out))
         return run
 
     def generate(self, pairs, steps: int) -> torch.Tensor:

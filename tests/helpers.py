@@ -3,7 +3,8 @@ a diffusers-style sampling loop, and float64 references."""
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       UNet2DConditionModel)
 
 CROSS_DIM = 32
 TEXT_TOKENS = 7
@@ -81,3 +82,22 @@ def sample(unet, scheduler_cls=DDIMScheduler, steps: int = 20, cfg: str = "batch
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """``‖got − ref‖ / ‖ref‖`` in float64."""
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+class IteratingPipeline(DiffusionPipeline):
+    """An older pipeline style: ``for t in self.progress_bar(timesteps)``, one UNet call per step."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, steps: int, stop_after: int | None = None):
+        self.scheduler.set_timesteps(steps)
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        cond, _ = contexts(1)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if i == stop_after:
+                break
+            x = self.scheduler.step(self.unet(x, t, encoder_hidden_states=cond).sample, t, x).prev_sample
+        return x

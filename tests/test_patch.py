@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 import attnreuse
 from attnreuse.processor import MapReuseProcessor
 from attnreuse.kernels import storage_nbytes
-from tests.helpers import contexts, make_unet, sample, unet_kwargs
+from tests.helpers import IteratingPipeline, contexts, make_unet, sample, unet_kwargs
 
 
 def attention_layers(unet):
@@ -196,34 +196,17 @@ def test_resolution_or_batch_change_starts_a_new_generation():
 
 
 def test_pipeline_calls_start_from_empty_state():
-    from diffusers import DiffusionPipeline
-
-    class TinyPipeline(DiffusionPipeline):
-        def __init__(self, unet, scheduler):
-            super().__init__()
-            self.register_modules(unet=unet, scheduler=scheduler)
-
-        @torch.no_grad()
-        def __call__(self, steps: int, stop_after: int | None = None):
-            self.scheduler.set_timesteps(steps)
-            x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-            cond, _ = contexts(1)
-            for i, t in enumerate(self.scheduler.timesteps):
-                if i == stop_after:
-                    break
-                x = self.scheduler.step(self.unet(x, t, **unet_kwargs(self.unet, 1, cond)).sample, t, x).prev_sample
-            return x
-
     unet = make_unet("sd15")
-    pipe = TinyPipeline(unet, DDIMScheduler())
+    pipe = IteratingPipeline(unet, DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
     full = pipe(4)
     with attnreuse.patch(pipe, "1100") as handle:
-        assert type(pipe).__name__ == "TinyPipeline" and isinstance(pipe, TinyPipeline)
+        assert type(pipe) is IteratingPipeline
         pipe(4, stop_after=1)  # interrupted generation, the next one starts at the same timestep
         reused = pipe(4)
         assert handle.cache_bytes == 0  # dropped when the call ended
         assert torch.equal(reused, pipe(4))
-    assert type(pipe) is TinyPipeline
+    assert type(pipe) is IteratingPipeline and "progress_bar" not in vars(pipe)
     assert torch.equal(pipe(4), full)
     assert not torch.equal(reused, full)
 

@@ -7,13 +7,13 @@ import threading
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionImg2ImgPipeline,
                        StableDiffusionPipeline)
 from diffusers.models.attention_processor import Attention
 
 import attnreuse
-from tests.helpers import contexts, make_unet
+from tests.helpers import IteratingPipeline, contexts, make_unet
 
 PIPE_SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
                    "heun": HeunDiscreteScheduler, "kdpm2": KDPM2DiscreteScheduler}
@@ -133,25 +133,6 @@ def test_cancelled_generation_leaves_nothing_behind():
             run(pipe, steps=6, seed=0, callback_on_step_end=boom)
         assert handle.current is None and handle.cache_bytes == 0
         assert torch.equal(run(pipe, steps=6, seed=1), expected)
-
-
-class IteratingPipeline(DiffusionPipeline):
-    """An older pipeline style: ``for t in self.progress_bar(timesteps)``, one UNet call per step."""
-
-    def __init__(self, unet, scheduler):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
-
-    @torch.no_grad()
-    def __call__(self, steps: int, stop_after: int | None = None):
-        self.scheduler.set_timesteps(steps)
-        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        cond, _ = contexts(1)
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            if i == stop_after:
-                break
-            x = self.scheduler.step(self.unet(x, t, encoder_hidden_states=cond).sample, t, x).prev_sample
-        return x
 
 
 def test_iterated_progress_bar_drives_the_clock():
