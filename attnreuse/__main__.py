@@ -70,10 +70,10 @@ def demo(args) -> None:
     methods.append((f"{fewer} steps (same cost, rho {rho.value:.2f} "
                     f"{rho.label if was_measured else 'assumed'})", None, fewer))
 
-    generate(pipe, pairs, n)  # warm-up (and Triton autotuning on a GPU)
+    generate(pipe, pairs, n)  # warm-up (and Triton compilation on a GPU)
     rows, labels, reference = [], [], None
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; classes {args.classes}; "
-          f"map dtype {args.cache_dtype or 'the model’s'}")
+          f"map dtype {args.cache_dtype or str(dtype).removeprefix('torch.') + ' (the model’s)'}")
     print(f"{'method':38} {'schedule (1 compute, 0 reuse)':30} {'reuse':>5} {'PSNR vs full':>12} {'ms':>8}")
     for name, schedule, steps in methods:
         if schedule is not None:
