@@ -11,10 +11,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from . import kernels
-from .kernels.reference import merge_heads, split_heads
-
 from .clock import Clock, Generation
 from .config import LayerPolicy
+from .kernels.reference import merge_heads, split_heads
 from .schedule import Action
 
 # Processors whose computation this processor reproduces on capture and reuse steps.
