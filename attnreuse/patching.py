@@ -12,7 +12,7 @@ from .config import LayerPolicy, ReuseConfig
 from .planner import LayerPlan, auto_dtypes, layer_shapes, make_plan, measured_cost
 from .processor import MapReuseProcessor, OutputReuseProcessor, check_supported
 from .sampler import ProgressClock
-from .schedule import ScheduleLike
+from .schedule import Action, ScheduleLike, actions
 
 _HANDLE_ATTR = "_attnreuse_handle"
 
@@ -179,8 +179,9 @@ class ReuseHandle:
     def prepare(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, num_steps: int) -> list[LayerPlan]:
         """Make the per-layer plan (kernel timing) for UNet inputs like these, ahead of sampling: needed
         before a compiled UNet runs with ``max_cache_bytes`` or ``cache_dtype="auto"``."""
-        gen = Generation(self.clock, self.config.schedule.resolve(num_steps))
-        self._make_plan(self._key(sample, encoder_hidden_states, gen), sample, encoder_hidden_states.shape[1])
+        acts = actions(self.config.schedule.resolve(num_steps))
+        key = self._key(sample, encoder_hidden_states, acts.count(Action.REUSE), acts.count(Action.CAPTURE))
+        self._make_plan(key, sample, encoder_hidden_states.shape[1])
         return self.plan
 
     def reset(self) -> None:
@@ -230,7 +231,7 @@ class ReuseHandle:
             gen.policies = self._fixed_policies
             return
         context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
-        key = self._key(sample, context, gen)
+        key = self._key(sample, context, gen.n_reuse, gen.n_capture)
         if key not in self._policies:
             if torch.compiler.is_compiling():
                 raise RuntimeError(
@@ -244,8 +245,8 @@ class ReuseHandle:
         self.clock.after_call()
 
     @staticmethod
-    def _key(sample: torch.Tensor, context: torch.Tensor, gen: Generation) -> tuple:
-        return (tuple(sample.shape), context.shape[1], sample.dtype, sample.device, gen.n_reuse, gen.n_capture)
+    def _key(sample: torch.Tensor, context: torch.Tensor, n_reuse: int, n_capture: int) -> tuple:
+        return (tuple(sample.shape), context.shape[1], sample.dtype, sample.device, n_reuse, n_capture)
 
     def _make_plan(self, key: tuple, sample: torch.Tensor, context_tokens: int) -> None:
         """Make the plan for ``key`` (once) and the per-layer policies it gives."""
