@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
 import time
@@ -12,11 +11,11 @@ from pathlib import Path
 import torch
 
 import attnreuse
-from attnreuse import measured
+from attnreuse import measured, warmup
 from attnreuse.embedded import generate, load_default, searched_schedules
 from attnreuse.embedded.grid import save_grid
+from attnreuse.kernels import formats
 
-CACHE_DTYPES = ("fp16", "bf16", "fp32", "fp8", "fp4")
 DEMO_HELP = """\
 Samples the embedded model (class-conditional 8x8 digits, 20-step DDIM by default) four ways: the full
 sampler, HURRY (compute the first STEPS-REUSE steps, reuse the attention maps for the last REUSE), PHAST
@@ -133,21 +132,10 @@ def check(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--rho-from {args.rho_from}: {e}")
 
 
-def warmup(argv: list[str]) -> None:
-    """``python -m attnreuse warmup ...``: the arguments go to ``attnreuse.warmup.main`` unchanged."""
-    try:
-        module = importlib.import_module("attnreuse.warmup")
-    except ModuleNotFoundError as e:
-        if e.name != "attnreuse.warmup":
-            raise
-        sys.exit("python -m attnreuse warmup: this attnreuse install has no attnreuse.warmup; update attnreuse")
-    module.main(argv)
-
-
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["warmup"]:  # its own parser reads the rest, --help included
-        return warmup(argv[1:])
+        return warmup.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m attnreuse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,warmup}")
     sub.add_parser("warmup", help="compile and cache the Triton kernels for a model before its first generation "
@@ -161,10 +149,10 @@ def main(argv=None) -> None:
                         "R = 5, 10, 15 (default: %(default)s)")
     p.add_argument("--classes", type=int, nargs="+", default=[0, 2, 3, 5, 7, 8], metavar="C",
                    help="digits to sample, 0-9, one grid column each (default: 0 2 3 5 7 8)")
-    p.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
-                   help="how cached maps are stored: fp16, bf16, fp32, fp8 (e4m3, one scale per row and 128-key "
-                        "block: about half the bytes of fp16) or fp4 (4-bit log codes: about a quarter, for rows of "
-                        "128 keys or more) (default: the model's dtype, fp32 on a CPU, fp16 on a GPU)")
+    p.add_argument("--cache-dtype", choices=formats.names(), default=None,
+                   help="how cached maps are stored (a map format): fp8 is e4m3 with one scale per row and 128-key "
+                        "block, about half the bytes of fp16; fp4 is 4-bit unsigned E2M2, about a quarter on rows "
+                        "of 128 keys or more (default: the model's dtype, fp32 on a CPU, fp16 on a GPU)")
     p.add_argument("--out", default="attnreuse_demo.png", metavar="FILE.png",
                    help="the labelled image grid, a .png in an existing, writable folder (default: %(default)s)")
     p.add_argument("--rho-from", metavar="E2E_JSON",

@@ -64,5 +64,5 @@ def _nbytes(entry: CachedMap | torch.Tensor) -> int:
     """Bytes of an entry, from its shape: ``Tensor.nbytes`` fails on the symbolic shapes of a torch.compile'd
     UNet that has seen a second resolution."""
     if isinstance(entry, CachedMap):
-        return storage_nbytes(*entry.shape, entry.dtype)
+        return storage_nbytes(*entry.shape, entry.format)
     return entry.numel() * entry.element_size()

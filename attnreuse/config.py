@@ -6,33 +6,25 @@ from typing import Callable, Union
 
 import torch
 
-from .kernels import BACKENDS, FP4, FP8
-
+from .kernels import BACKENDS, MapFormat, formats
 from .schedule import ScheduleLike, as_schedule_object
 
 LayerSelector = Union[str, Callable[[str], bool]]
 LAYER_CHOICES = ("all", "self", "cross")
 TARGETS = ("map", "output")
 
-_DTYPE_NAMES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp8": FP8, "float8_e4m3fn": FP8, "e4m3": FP8,
-    "fp4": FP4,
-}
-
-
-def as_cache_dtype(value) -> torch.dtype | str | None:
-    """``None`` (the model's dtype), ``"auto"``, a torch dtype, or a name such as ``"fp16"`` / ``"fp8"``."""
+def as_cache_dtype(value) -> MapFormat | str | None:
+    """``None`` (the model's dtype), ``"auto"``, a map format's name (``"fp16"``, ``"fp8"``, ``"fp4"``, ...), a
+    registered :class:`~attnreuse.kernels.MapFormat`, or a torch dtype naming one."""
     if value is None or value == "auto":
         return value
-    dtype = _DTYPE_NAMES.get(value.lower()) if isinstance(value, str) else value
-    if dtype not in _DTYPE_NAMES.values():
+    try:
+        return formats.get(value)
+    except ValueError:
         raise ValueError(
-            f"cache_dtype={value!r} is not supported: pass None (the model's dtype), 'fp32', 'fp16', 'bf16', "
-            "'fp8' (e4m3: half the bytes of fp16), 'fp4' (4-bit log codes: about a quarter) or 'auto'")
-    return dtype
+            f"cache_dtype={value!r} is not supported: pass None (the model's dtype), 'auto' or a map format: "
+            f"{', '.join(formats.names())} ('fp8': e4m3, half the bytes of fp16; 'fp4': 4-bit E2M2, about a quarter)"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -47,10 +39,10 @@ class ReuseConfig:
         layers: which attention layers take part: ``"all"``, ``"self"`` (``attn1``), ``"cross"``
             (``attn2``), or a predicate on the layer's module name, e.g.
             ``lambda name: name.startswith("up_blocks")``. Other layers always compute.
-        cache_dtype: storage of cached maps: ``None`` = the model's dtype, or ``"fp32"``, ``"fp16"``,
-            ``"bf16"``, ``"fp8"`` (e4m3: about half the bytes of fp16), ``"fp4"`` (4-bit log codes, two per
-            byte: 0.27× the bytes of fp16; docs/fidelity.md), or ``"auto"``: per layer, whichever of the
-            model's dtype, fp8 and fp4 saves the most time on this device.
+        cache_dtype: the map format (:mod:`attnreuse.kernels.formats`): ``None`` = the model's dtype, or
+            ``"fp32"``, ``"fp16"``, ``"bf16"``, ``"fp8"`` (e4m3: about half the bytes of fp16), ``"fp4"`` (unsigned
+            E2M2 codes, two per byte: 0.27× the bytes of fp16; docs/fidelity.md), a registered format, or
+            ``"auto"``: per layer, whichever of the model's dtype, fp8 and fp4 saves the most time on this device.
         max_cache_bytes: a memory budget for cached maps. With it (or ``cache_dtype="auto"``), a plan
             measured on this device decides per layer whether reuse pays and fits (``handle.plan``); maps
             that would overflow the budget are not stored (those layers compute instead).
@@ -62,7 +54,7 @@ class ReuseConfig:
 
     schedule: ScheduleLike
     layers: LayerSelector = "all"
-    cache_dtype: torch.dtype | str | None = None
+    cache_dtype: MapFormat | str | None = None
     max_cache_bytes: float | None = None
     backend: str = "auto"
     target: str = "map"
@@ -96,7 +88,7 @@ class ReuseConfig:
 
     def fixed_policy(self) -> "LayerPolicy":
         """The policy of every selected layer when no plan decides (neither budget nor ``"auto"``)."""
-        return LayerPolicy(reuse=True, map_dtype=self.cache_dtype)
+        return LayerPolicy(reuse=True, map_format=self.cache_dtype)
 
 
 @dataclass(frozen=True)
@@ -104,8 +96,12 @@ class LayerPolicy:
     """What one patched layer does, resolved once (at patch time, or when a plan for an input shape is made).
 
     ``reuse``: whether the layer captures and reuses at all (False: it always computes);
-    ``map_dtype``: storage of its maps, ``None`` = the dtype of the layer's values.
+    ``map_format``: storage of its maps, ``None`` = the format of the layer's values' dtype.
     """
 
     reuse: bool
-    map_dtype: torch.dtype | None = None
+    map_format: MapFormat | None = None
+
+    def format_for(self, values_dtype: torch.dtype) -> MapFormat:
+        """The map format for values of ``values_dtype``: the one chosen, else the values' own dtype."""
+        return self.map_format or formats.get(values_dtype)

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import Attention
 
 from .clock import Clock, Generation
 from .config import LayerPolicy, ReuseConfig
-from .planner import LayerPlan, auto_dtypes, layer_shapes, make_plan, measured_cost
+from .planner import LayerPlan, auto_formats, layer_shapes, make_plan, measured_cost
 from .processor import MapReuseProcessor, OutputReuseProcessor, check_supported
 from .sampler import ProgressClock
 from .schedule import Action, ScheduleLike, actions
@@ -252,11 +252,11 @@ class ReuseHandle:
         """Make the plan for ``key`` (once) and the per-layer policies it gives."""
         if key not in self._plans:
             shapes = layer_shapes(self.unet, self.layers, key[0], context_tokens)
-            dtype = self.config.cache_dtype
-            dtypes = auto_dtypes(sample.dtype) if dtype == "auto" else (dtype or sample.dtype,)
+            fmt = self.config.cache_dtype
+            candidates = auto_formats(sample.dtype) if fmt == "auto" else (LayerPolicy(True, fmt).format_for(sample.dtype),)
             budget = self.config.max_cache_bytes
             self._plans[key] = make_plan(
-                shapes, measured_cost(sample.device, sample.dtype, self.config.backend), dtypes,
+                shapes, measured_cost(sample.device, sample.dtype, self.config.backend), candidates,
                 n_reuse=key[4], n_capture=key[5], max_bytes=math.inf if budget is None else budget)
-            self._policies[key] = {p.name: LayerPolicy(reuse=p.reuse, map_dtype=p.dtype) for p in self._plans[key]}
+            self._policies[key] = {p.name: LayerPolicy(reuse=p.reuse, map_format=p.format) for p in self._plans[key]}
         self._plan_key = key

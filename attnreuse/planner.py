@@ -1,4 +1,4 @@
-"""Per-layer reuse plan: which layers reuse, with which map dtype, under a memory budget.
+"""Per-layer reuse plan: which layers reuse, with which map format, under a memory budget.
 
 A layer's reuse saves, per generation, ``n_reuse · (t_compute − t_reuse) − n_capture · (t_capture − t_compute)``
 milliseconds, where ``t_compute`` is what an ordinary step spends on the map (``to_q``, ``to_k`` and
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
-from .kernels import FP4, FP8, storage_nbytes
+from .kernels import MapFormat, formats, storage_nbytes
 from .harness import median_ms
 from .kernels.reference import split_heads
 
@@ -40,49 +40,51 @@ class LayerCost:
     """Milliseconds per call of one layer on one device."""
 
     compute: float  # to_q + to_k + fused attention
-    capture: float  # to_q + to_k + attention that stores its map (this dtype)
-    reuse: float  # cached map × V (this dtype)
+    capture: float  # to_q + to_k + attention that stores its map (this format)
+    reuse: float  # cached map × V (this format)
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     name: str
     reuse: bool
-    dtype: torch.dtype | None  # map storage when reusing
+    format: MapFormat | None  # map storage when reusing
     bytes: int  # map bytes held while reusing
-    saving_ms: float  # expected per generation (one branch), for the chosen dtype
+    saving_ms: float  # expected per generation (one branch), for the chosen format
     reason: str
 
 
-CostFn = Callable[[LayerShape, torch.dtype], LayerCost]
+CostFn = Callable[[LayerShape, MapFormat], LayerCost]
 
 
-def make_plan(shapes: dict[str, LayerShape], cost: CostFn, dtypes: Iterable[torch.dtype], n_reuse: int,
+def make_plan(shapes: dict[str, LayerShape], cost: CostFn, candidates: Iterable, n_reuse: int,
               n_capture: int, max_bytes: float = math.inf) -> list[LayerPlan]:
-    """Choose per layer whether to reuse and in which of ``dtypes``; never more than ``max_bytes`` in all.
+    """Choose per layer whether to reuse and in which of the map formats ``candidates``; never more than
+    ``max_bytes`` in all.
 
-    Each layer takes the dtype with the largest saving (ties: fewer bytes); layers are then admitted by
+    Each layer takes the format with the largest saving (ties: fewer bytes); layers are then admitted by
     saving per byte while the budget lasts.
     """
+    candidates = [formats.get(c) for c in candidates]
     options = {}
     for name, shape in shapes.items():
         best = None
-        for dtype in dtypes:
-            c = cost(shape, dtype)
+        for fmt in candidates:
+            c = cost(shape, fmt)
             saving = n_reuse * (c.compute - c.reuse) - n_capture * (c.capture - c.compute)
-            nbytes = storage_nbytes(shape.batch, shape.heads, shape.q_tokens, shape.kv_tokens, dtype)
+            nbytes = storage_nbytes(shape.batch, shape.heads, shape.q_tokens, shape.kv_tokens, fmt)
             if best is None or (saving, -nbytes) > (best[1], -best[2]):
-                best = (dtype, saving, nbytes)
+                best = (fmt, saving, nbytes)
         options[name] = best
     plans, used = {}, 0
-    for name, (dtype, saving, nbytes) in sorted(options.items(), key=lambda kv: -kv[1][1] / kv[1][2]):
+    for name, (fmt, saving, nbytes) in sorted(options.items(), key=lambda kv: -kv[1][1] / kv[1][2]):
         if saving <= 0:
             plans[name] = LayerPlan(name, False, None, 0, 0.0, "reuse is not faster than recomputing here")
         elif used + nbytes > max_bytes:
             plans[name] = LayerPlan(name, False, None, 0, 0.0, "over the memory budget")
         else:
             used += nbytes
-            plans[name] = LayerPlan(name, True, dtype, nbytes, saving, "reuse")
+            plans[name] = LayerPlan(name, True, fmt, nbytes, saving, "reuse")
     if plans and not any(p.reuse for p in plans.values()):
         warnings.warn("attnreuse: no layer is worth reusing within the budget "
                       f"({max_bytes:.3g} bytes): sampling runs with plain attention", stacklevel=3)
@@ -118,22 +120,22 @@ def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...],
 
 # ---- measured costs -----------------------------------------------------------------------------------
 
-COSTS: dict[tuple, LayerCost] = {}  # (shape, storage dtype, model dtype, device name, backend) -> cost
+COSTS: dict[tuple, LayerCost] = {}  # (shape, map format, model dtype, device name, backend) -> cost
 
 
 def measured_cost(device: torch.device, model_dtype: torch.dtype, backend: str = "auto") -> CostFn:
     """A cost function that times each new shape on ``device`` once, with the backend attnreuse would use."""
-    def cost(shape: LayerShape, dtype: torch.dtype) -> LayerCost:
+    def cost(shape: LayerShape, fmt: MapFormat) -> LayerCost:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        key = (shape, dtype, model_dtype, name, backend)
+        key = (shape, fmt.name, model_dtype, name, backend)
         if key not in COSTS:
-            COSTS[key] = _measure(shape, dtype, device, model_dtype, backend)
+            COSTS[key] = _measure(shape, fmt, device, model_dtype, backend)
         return COSTS[key]
     return cost
 
 
 @torch.no_grad()
-def _measure(s: LayerShape, dtype, device, model_dtype, backend) -> LayerCost:
+def _measure(s: LayerShape, fmt: MapFormat, device, model_dtype, backend) -> LayerCost:
     def rand(*size):
         return torch.randn(*size, device=device, dtype=model_dtype)
     hs, ctx = rand(s.batch, s.q_tokens, s.q_dim), rand(s.batch, s.kv_tokens, s.kv_dim)
@@ -146,7 +148,7 @@ def _measure(s: LayerShape, dtype, device, model_dtype, backend) -> LayerCost:
                                               split_heads(v, s.heads))
 
     def capture():
-        return kernels.capture(F.linear(hs, wq), F.linear(ctx, wk), v, s.heads, s.head_dim ** -0.5, dtype,
+        return kernels.capture(F.linear(hs, wq), F.linear(ctx, wk), v, s.heads, s.head_dim ** -0.5, fmt,
                                backend=backend)
 
     cmap = capture()[1]
@@ -154,7 +156,7 @@ def _measure(s: LayerShape, dtype, device, model_dtype, backend) -> LayerCost:
                      reuse=median_ms(lambda: kernels.cached_pv(cmap, v, s.heads, backend=backend), device))
 
 
-def auto_dtypes(model_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-    """The storage dtypes ``cache_dtype="auto"`` chooses among, by measured time saved (fp4 costs +0.11 dB at
-    most against fp16 maps on the embedded model's PHAST schedules, fp8 +0.05 dB: docs/fidelity.md)."""
-    return (model_dtype, FP8, FP4)
+def auto_formats(model_dtype: torch.dtype) -> tuple[MapFormat, ...]:
+    """The map formats ``cache_dtype="auto"`` chooses among, by measured time saved: the model's dtype, fp8
+    and fp4 (their quality cost against fp16 maps on the embedded model's PHAST schedules: docs/fidelity.md)."""
+    return tuple(dict.fromkeys((formats.get(model_dtype), formats.get("fp8"), formats.get("fp4"))))

@@ -115,7 +115,7 @@ class MapReuseProcessor(_Patched):
                 mask = attn.prepare_attention_mask(attention_mask, key.shape[1], key.shape[0])
                 mask = mask.view(key.shape[0], attn.heads, -1, mask.shape[-1])
             hidden_states, cmap = kernels.capture(query, key, value, attn.heads, attn.scale,
-                                                  policy.map_dtype or value.dtype, mask, backend=self.backend)
+                                                  policy.format_for(value.dtype), mask, backend=self.backend)
             gen.cache.store(self.name, gen.call, cmap)
 
         hidden_states = attn.to_out[0](hidden_states)

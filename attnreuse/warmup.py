@@ -13,10 +13,9 @@ import time
 import torch
 
 from .harness import MODELS, model_attention_shapes
+from .kernels import formats
 
-_MAP_DTYPES = {"fp4": torch.float4_e2m1fn_x2, "fp8": torch.float8_e4m3fn, "fp16": torch.float16,
-               "bf16": torch.bfloat16, "fp32": torch.float32}
-_MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the Triton kernels' activations
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,8 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="sd15", help="UNet whose attention shapes to compile")
     ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (a multiple of 64)")
-    ap.add_argument("--cache-dtype", nargs="+", choices=sorted(_MAP_DTYPES), default=["fp8"],
-                    help="map dtype(s) the patched model will store")
+    ap.add_argument("--cache-dtype", nargs="+", default=["fp8"],
+                    choices=[f.name for f in formats.formats() if f.kernel is not None],
+                    help="map format(s) the patched model will store")
     ap.add_argument("--dtype", choices=sorted(_MODEL_DTYPES), default="fp16", help="the model's activation dtype")
     ap.add_argument("--batch", type=int, default=2, help="UNet batch (2 with classifier-free guidance)")
     args = ap.parse_args(argv)
@@ -36,23 +36,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def warm(model: str, resolution: int, cache_dtypes, dtype: torch.dtype, batch: int = 2) -> float:
-    """Run every (shape, map dtype) once; print each one's seconds; return the total."""
+def warm(model: str, resolution: int, cache_dtypes: list[str], dtype: torch.dtype, batch: int = 2) -> float:
+    """Run every (shape, map format) once; print each one's seconds; return the total."""
     from .kernels import cached_pv, capture
 
     total = 0.0
-    for map_dtype in cache_dtypes:
+    for fmt in cache_dtypes:
         for (b, h, nq, nk, d), layers in model_attention_shapes(model, resolution, batch).items():
             q = torch.randn(b, nq, h * d, device="cuda", dtype=dtype)
             k, v = (torch.randn(b, nk, h * d, device="cuda", dtype=dtype) for _ in range(2))
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            _, cmap = capture(q, k, v, h, d ** -0.5, map_dtype, backend="triton")
+            _, cmap = capture(q, k, v, h, d ** -0.5, fmt, backend="triton")
             cached_pv(cmap, v, h, backend="triton")
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             total += dt
-            print(f"{str(map_dtype).removeprefix('torch.'):14} heads {h:2} q {nq:5} kv {nk:5} d {d:3} "
+            print(f"{fmt:5} heads {h:2} q {nq:5} kv {nk:5} d {d:3} "
                   f"({layers:2} layers): {dt:6.2f} s", flush=True)
             del q, k, v, cmap
     return total
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
     if not backend_available():
         sys.exit("attnreuse warmup: Triton is not importable: install triton (pip install triton).")
     t0 = time.perf_counter()
-    warm(args.model, args.resolution, [_MAP_DTYPES[n] for n in args.cache_dtype], _MODEL_DTYPES[args.dtype],
-         args.batch)
+    warm(args.model, args.resolution, args.cache_dtype, _MODEL_DTYPES[args.dtype], args.batch)
     print(f"{args.model} {args.resolution}px, maps {' '.join(args.cache_dtype)}: kernels ready in "
           f"{time.perf_counter() - t0:.1f} s on {torch.cuda.get_device_name()}")
     return 0

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from attnreuse.harness import SHAPES, bench_ms, copy_bandwidth, model_attention_shapes
-from attnreuse.kernels import FP4, FP8, CachedMap, cached_pv, capture
+from attnreuse.kernels import CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.triton_ops import capture_buffers, launch_cached_pv, launch_capture
+from attnreuse.kernels.triton_ops import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
 from attnreuse.kernels.tuning import RULES, VARIANTS
 
-MAP_DTYPES = {"16": torch.float16, "8": FP8}  # the table's columns; --fp4 adds "4"
+MAP_FORMATS = {"16": "fp16", "8": "fp8"}  # the table's columns; --fp4 adds "4"
 SAGE_HEAD_DIMS = (64, 96, 128)  # sageattention 1.0.6 asserts headdim in [64, 96, 128] (core.py)
 DEVICE = "cuda"  # a CPU smoke test runs the same code in Triton's interpreter
 SCHEDULES = {"HURRY-10": "1" * 10 + "0" * 10, "PHAST-10": "11111111010001000000"}  # SD1.5, 20-step DDIM
@@ -85,19 +85,19 @@ def measure(shape, bw, errors: bool = True) -> dict:
         r["sage_ms"] = bench_ms(fn)
         if errors:
             r["sage_err"] = rel_err(merge_heads(fn())[:, :rows], o_ref)
-    for tag, dtype in MAP_DTYPES.items():
-        out, cmap = capture(q, k, v, h, scale, dtype, backend="triton")
-        r[f"capture{tag}_ms"] = bench_ms(lambda: capture(q, k, v, h, scale, dtype, backend="triton"))
+    for tag, fmt in MAP_FORMATS.items():  # backend auto: the kernels, or PyTorch where they do not go (d > 128)
+        out, cmap = capture(q, k, v, h, scale, fmt)
+        r[f"capture{tag}_ms"] = bench_ms(lambda: capture(q, k, v, h, scale, fmt))
         r[f"capture{tag}_over_limit"] = r[f"capture{tag}_ms"] / (r["sdpa_ms"] + cmap.nbytes / bw * 1e3)
-        pv = cached_pv(cmap, v, h, backend="triton")
-        r[f"pv{tag}_ms"] = bench_ms(lambda: cached_pv(cmap, v, h, backend="triton"))
+        pv = cached_pv(cmap, v, h)
+        r[f"pv{tag}_ms"] = bench_ms(lambda: cached_pv(cmap, v, h))
         r[f"pv{tag}_frac_copy"] = (cmap.nbytes + v.nbytes + pv.nbytes) / (r[f"pv{tag}_ms"] * 1e-3) / bw
         r[f"pv{tag}_over_tlim"] = r[f"pv{tag}_ms"] / (cmap.nbytes / bw * 1e3)
         r[f"map{tag}_bytes"] = cmap.nbytes
         if errors:
             r[f"capture{tag}_err"] = rel_err(out[:, :rows], o_ref)
             head = CachedMap(cmap.data[:, :, :rows].contiguous(), cmap.block_max[..., :rows].contiguous(),
-                             cmap.row_lse[..., :rows].contiguous(), cmap.kv_tokens)
+                             cmap.row_lse[..., :rows].contiguous(), cmap.kv_tokens, cmap.format)
             r[f"map{tag}_err"] = rel_err(head.dequantize(torch.float64), p_ref)
             r[f"pv{tag}_err"] = rel_err(pv[:, :rows], o_ref)
         del out, cmap, pv
@@ -122,7 +122,7 @@ def generation(bw, measured: dict, model: str = "sd15", px: int = 512, steps: in
     g = {"sdpa_ms": steps * sdpa,
          "sage_ms": steps * total(lambda r: r.get("sage_ms", r["sdpa_ms"])),
          "sage_note": "; ".join(sorted({r["sage_note"] for s in shapes for r in [measured[s]] if r["sage_note"]}))}
-    for tag in MAP_DTYPES:
+    for tag in MAP_FORMATS:
         cap, reuse = total(lambda r: r[f"capture{tag}_ms"]), total(lambda r: r[f"pv{tag}_ms"])
         for name, pi in SCHEDULES.items():
             assert len(pi) == steps
@@ -137,25 +137,24 @@ def sweep(name, shape, bw) -> dict:
     b, h, nq, nk, d = shape
     q, k, v = make_inputs(shape)
     rows = {}
-    for tag, dtype in MAP_DTYPES.items():
-        _, cmap = capture(q, k, v, h, d ** -0.5, dtype, backend="triton")
-        out = torch.empty_like(q)
-        rule = RULES["cached_pv"](d, nq, dtype)
+    arch = target_arch()
+    for tag, fmt in MAP_FORMATS.items():
+        _, cmap = capture(q, k, v, h, d ** -0.5, fmt, backend="triton")
+        out = empty_rows(b, nq, h * d, q.dtype, q.device)
+        rule = RULES["cached_pv"](d, nq, nk, cmap.format, arch)
         for var, f in VARIANTS["cached_pv"].items():
-            if var == "native_fp8" and dtype != FP8:
-                continue
             cfg = f(rule)
             rows[f"pv{tag}/{var}"] = _timed(lambda: launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v,
-                                                                      h, config=cfg), cmap.nbytes / bw * 1e3, cfg)
+                                                                      h, fmt, config=cfg), cmap.nbytes / bw * 1e3, cfg)
         del cmap
-    bufs = capture_buffers(q, k, v, h, FP8)
+    bufs = capture_buffers(q, k, v, h, "fp8")
     sdpa = bench_ms(lambda: F.scaled_dot_product_attention(*(split_heads(x, h) for x in (q, k, v))))
-    rule = RULES["capture"](d, nq, FP8)
+    rule = RULES["capture"](d, nq, nk, formats.get("fp8"), arch)
     for var, f in VARIANTS["capture"].items():
         cfg = f(rule)
         limit = sdpa + sum(t.nbytes for t in bufs[1:]) / bw * 1e3
-        rows[f"capture8/{var}"] = _timed(lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, FP8, config=cfg), limit,
-                                         cfg)
+        rows[f"capture8/{var}"] = _timed(lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, "fp8", config=cfg),
+                                         limit, cfg)
     for key, r in rows.items():
         print(f"  {name:18} {key:22} {r.get('ms', float('nan')):8.4f} ms {r.get('over_limit', float('nan')):5.2f}x "
               f"{r['config']} {r.get('error', '')}", flush=True)
@@ -174,16 +173,16 @@ def single(kernel: str, shape, variant: str, reps: int) -> None:
     """Run one kernel ``reps`` times (after one warm-up launch) for a profiler."""
     b, h, nq, nk, d = shape
     q, k, v = make_inputs(shape)
-    dtype = {**MAP_DTYPES, "4": FP4}[kernel[-1]]
+    fmt = formats.get({**MAP_FORMATS, "4": "fp4"}[kernel[-1]])
     if kernel.startswith("pv"):
-        _, cmap = capture(q, k, v, h, d ** -0.5, dtype, backend="triton")
-        out = torch.empty_like(q)
-        cfg = VARIANTS["cached_pv"][variant](RULES["cached_pv"](d, nq, dtype))
-        fn = lambda: launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h, config=cfg)  # noqa: E731
+        _, cmap = capture(q, k, v, h, d ** -0.5, fmt, backend="triton")
+        out = empty_rows(b, nq, h * d, q.dtype, q.device)
+        cfg = VARIANTS["cached_pv"][variant](RULES["cached_pv"](d, nq, nk, fmt, target_arch()))
+        fn = lambda: launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h, fmt, config=cfg)  # noqa: E731
     else:
-        bufs = capture_buffers(q, k, v, h, dtype)
-        cfg = VARIANTS["capture"][variant](RULES["capture"](d, nq, dtype))
-        fn = lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, dtype, config=cfg)  # noqa: E731
+        bufs = capture_buffers(q, k, v, h, fmt)
+        cfg = VARIANTS["capture"][variant](RULES["capture"](d, nq, nk, fmt, target_arch()))
+        fn = lambda: launch_capture(*bufs, q, k, v, h, d ** -0.5, fmt, config=cfg)  # noqa: E731
     for _ in range(reps + 1):
         fn()
     if DEVICE == "cuda":
@@ -195,7 +194,7 @@ def print_table(res: dict) -> None:
     print(f"\n{res['card']}: copy {res['copy_TBps']:.2f} TB/s. ms (error vs float64); pv: fraction of copy "
           "bandwidth, time / t_lim; capture: time / (SDPA + map bytes / copy bandwidth), target <= 1.3")
     print(f"{'shape':18} {'sdpa':>7} {'sage':>7} {'bmm16':>7} {'pv16':>19} {'pv8':>19} {'cap16':>13} {'cap8':>13} "
-          f"{'err16':>8} {'err8':>8}" + ("      pv4 ms / t_lim, err" if "4" in MAP_DTYPES else ""))
+          f"{'err16':>8} {'err8':>8}" + ("      pv4 ms / t_lim, err" if "4" in MAP_FORMATS else ""))
     notes = []
     for name, r in res["shapes"].items():
         sage = f"{r['sage_ms']:7.3f}" if "sage_ms" in r else f"{'n/a':>7}"
@@ -232,7 +231,7 @@ def main(argv=None):
     ap.add_argument("--fp4", action="store_true", help="also time 4-bit maps (capture and reuse)")
     args = ap.parse_args(argv)
     if args.fp4:
-        MAP_DTYPES["4"] = FP4
+        MAP_FORMATS["4"] = "fp4"
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_table.py times Triton kernels: it needs a CUDA GPU")
     if args.single:

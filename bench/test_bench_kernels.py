@@ -10,7 +10,7 @@ from attnreuse.harness import SHAPES, model_attention_shapes
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 BENCHED = ("sd15_64x64_self", "sd15_64x64_cross", "sdxl_32x32_self")
-MAP_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+MAP_FORMATS = ("fp16", "fp8", "fp4")
 
 
 def timed(benchmark, fn):
@@ -37,19 +37,19 @@ def test_sdpa(benchmark, qkv):
 
 
 @gpu
-@pytest.mark.parametrize("map_dtype", list(MAP_DTYPES))
-def test_capture(benchmark, qkv, map_dtype):
+@pytest.mark.parametrize("map_format", MAP_FORMATS)
+def test_capture(benchmark, qkv, map_format):
     from attnreuse.kernels import capture
     q, k, v, h, scale = qkv
-    timed(benchmark, lambda: capture(q, k, v, h, scale, MAP_DTYPES[map_dtype], backend="triton"))
+    timed(benchmark, lambda: capture(q, k, v, h, scale, map_format, backend="triton"))
 
 
 @gpu
-@pytest.mark.parametrize("map_dtype", list(MAP_DTYPES))
-def test_cached_pv(benchmark, qkv, map_dtype):
+@pytest.mark.parametrize("map_format", MAP_FORMATS)
+def test_cached_pv(benchmark, qkv, map_format):
     from attnreuse.kernels import cached_pv, capture
     q, k, v, h, scale = qkv
-    _, cmap = capture(q, k, v, h, scale, MAP_DTYPES[map_dtype], backend="triton")
+    _, cmap = capture(q, k, v, h, scale, map_format, backend="triton")
     timed(benchmark, lambda: cached_pv(cmap, v, h, backend="triton"))
 
 
@@ -71,13 +71,13 @@ import attnreuse.kernels.ops as ops
 from bench import kernel_table as kt
 ops._use_triton = lambda *args: True  # the Triton path on CPU tensors
 kt.DEVICE, kt.bench_ms = "cpu", lambda fn: (fn(), 1.0)[1]
-kt.MAP_DTYPES["4"] = kt.FP4
+kt.MAP_FORMATS["4"] = "fp4"
 shape = (1, 2, 20, 150, 40)
 r = kt.measure(shape, 1e12)
 assert r["pv8_err"] < 3e-2 and r["pv4_err"] < 0.25 and r["capture16_err"] < 2e-3, r
 rows = kt.sweep("tiny", shape, 1e12)
 assert not [k for k, v in rows.items() if "error" in v], rows
-for kernel in ("pv8", "pv4", "capture8"):
+for kernel in ("pv8", "pv4", "capture8", "capture4"):
     kt.single(kernel, shape, "rule", 1)
 kt.print_table({"card": "cpu", "copy_TBps": 1.0, "shapes": {"tiny": r}})
 """

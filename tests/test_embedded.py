@@ -104,7 +104,7 @@ def test_demo_checks_out_is_writable(tmp_path, capsys):
 
 def test_warmup_subcommand_passes_its_arguments_on(monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "attnreuse.warmup", SimpleNamespace(main=calls.append))
+    monkeypatch.setattr(attnreuse.__main__, "warmup", SimpleNamespace(main=calls.append))
     cli(["warmup", "--model", "sd15", "--help"])
     assert calls == [["--model", "sd15", "--help"]]
 

@@ -1,21 +1,24 @@
 """Triton kernels against float64 math (Triton's interpreter on the CPU, the real thing on a GPU)."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from attnreuse.kernels import FP4, FP8, CachedMap, cached_pv, capture
+from attnreuse.kernels import KEY_BLOCK, CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.storage import KEY_BLOCK, _unpack_fp4, data_shape, num_blocks, top
+from attnreuse.kernels.storage import data_shape, num_blocks
 from attnreuse.kernels.triton_ops import cached_pv_op, capture_op, launch_cached_pv, launch_capture
 from tests.helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, heads, q tokens, kv tokens, head dim): odd token counts, cross-attention's 77 keys, kv lengths
-# that are not multiples of KEY_BLOCK (partial last block), SD head dims 40/80/160 and 64
-SHAPES = [(2, 2, 37, 77, 40), (1, 3, 61, 200, 80), (1, 1, 19, 150, 160), (1, 2, 33, 300, 64)]
-BOUND = {torch.float16: 1e-3, FP8: 3e-2, FP4: 0.15}
-MAP_DTYPES = [torch.float16, FP8, FP4]
+# that are not multiples of KEY_BLOCK (partial last block), SD head dims 40/80 and 64, the largest the kernels
+# take (128), and one shape with whole tiles only (the kernels' unmasked path)
+SHAPES = [(2, 2, 37, 77, 40), (1, 3, 61, 200, 80), (1, 1, 19, 150, 128), (1, 2, 33, 300, 64), (1, 2, 32, 256, 40)]
+FORMATS = ["fp16", "fp8", "fp4"]
+BOUND = {"fp16": 1e-3, "fp8": 3e-2, "fp4": 0.15}
 
 
 def inputs(shape, dtype=torch.float16, seed=0):
@@ -33,71 +36,83 @@ def out64(p, v, heads):
     return merge_heads(p @ split_heads(v.double(), heads))
 
 
-def poisoned(shape, map_dtype):
-    """Output and map buffers full of NaN (0x7F is e4m3fn's NaN byte; 0xFF two E2M1 codes of -6)."""
+def poisoned(shape, fmt):
+    """Output and map buffers full of NaN (0x7F is e4m3's NaN byte; 0xFF two 4-bit codes of 7)."""
+    fmt = formats.get(fmt)
     b, h, nq, nk, d = shape
-    dshape = data_shape(b, h, nq, nk, map_dtype)
-    if map_dtype in (FP8, FP4):
-        data = torch.full(dshape, 0x7F if map_dtype == FP8 else 0xFF, dtype=torch.uint8, device=DEVICE).view(map_dtype)
+    dshape = data_shape(b, h, nq, nk, fmt)
+    if fmt.bits <= 8:
+        data = torch.full(dshape, 0x7F if fmt.name == "fp8" else 0xFF, dtype=torch.uint8, device=DEVICE)
     else:
-        data = torch.full(dshape, float("nan"), dtype=map_dtype, device=DEVICE)
+        data = torch.full(dshape, float("nan"), dtype=fmt.dtype, device=DEVICE)
     nan = float("nan")
     return (torch.full((b, nq, h * d), nan, dtype=torch.float16, device=DEVICE), data,
             torch.full((b, h, num_blocks(nk), nq), nan, device=DEVICE), torch.full((b, h, nq), nan, device=DEVICE))
 
 
-@pytest.mark.parametrize("map_dtype", MAP_DTYPES)
+def as_items(cmap: CachedMap) -> torch.Tensor:
+    """The map's data as the ops take it (fp8 and 4-bit as bytes)."""
+    return cmap.data.view(torch.uint8) if cmap.format.bits <= 8 else cmap.data
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_cached_pv(shape, map_dtype):
+def test_cached_pv(shape, fmt):
     b, h, nq, nk, d = shape
     q, k, v = inputs(shape, seed=sum(shape))
     p = probs64(q, k, h, d ** -0.5)
-    cmap = CachedMap.from_probs(p, map_dtype)
-    out = poisoned(shape, map_dtype)[0]
-    launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h)
+    cmap = CachedMap.from_probs(p, fmt)
+    out = poisoned(shape, fmt)[0]
+    launch_cached_pv(out, as_items(cmap), cmap.block_max, cmap.row_lse, v, h, fmt)
     assert not out.isnan().any()
-    assert rel_err(out, out64(p, v, h)) < BOUND[map_dtype]
+    assert rel_err(out, out64(p, v, h)) < BOUND[fmt]
+    assert rel_err(out, cached_pv(cmap, v, h, backend="torch")) < 1e-3  # the kernel is the reference's product
 
 
-@pytest.mark.parametrize("map_dtype", MAP_DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_capture(shape, map_dtype):
+def test_capture(shape, fmt):
     b, h, nq, nk, d = shape
     q, k, v = inputs(shape, seed=sum(shape) + 1)
     scale = d ** -0.5
-    out, data, block_max, row_lse = poisoned(shape, map_dtype)
-    launch_capture(out, data, block_max, row_lse, q, k, v, h, scale)
+    out, data, block_max, row_lse = poisoned(shape, fmt)
+    launch_capture(out, data, block_max, row_lse, q, k, v, h, scale, fmt)
     p = probs64(q, k, h, scale)
     assert not out.isnan().any()
     assert rel_err(out, out64(p, v, h)) < 2e-3  # fp16 attention tolerance
-    cmap = CachedMap(data, block_max, row_lse, nk)  # launch_capture wrote FP8/FP4 data (the ops pass uint8)
+    f = formats.get(fmt)
+    cmap = CachedMap(data.view(f.dtype), block_max, row_lse, nk, f)
     back = cmap.dequantize(torch.float64)
     assert not back.isnan().any()
-    assert rel_err(back, p) < BOUND[map_dtype]
-    # every key block is stored relative to its own maximum: each block's largest entry is the dtype's top
-    values = _unpack_fp4(data) if map_dtype == FP4 else data.float()
-    padded = torch.nn.functional.pad(values[..., :nk], (0, num_blocks(nk) * KEY_BLOCK - nk))
-    blocks = padded.unflatten(-1, (-1, KEY_BLOCK))
-    assert (blocks.amax(-1) == top(map_dtype)).all()
-    if map_dtype == FP4:  # row-sum correction: the stored row sums to one
+    assert rel_err(back, p) < BOUND[fmt]
+    # every key block is stored relative to its own maximum: each block's largest entry is the format's top
+    values = cmap.values()
+    blocks = torch.nn.functional.pad(values[..., :nk], (0, num_blocks(nk) * KEY_BLOCK - nk)).unflatten(-1, (-1, KEY_BLOCK))
+    assert (blocks.amax(-1) == f.top).all()
+    assert (values[..., nk:] == 0).all()  # the row's padding is written, as zeros
+    if f.stored_sums:  # row-sum correction: the stored row sums to one
         assert (back.sum(-1) - 1).abs().max() < 1e-5
     # and the reuse kernel reads what the capture kernel wrote
     v2 = torch.randn_like(v)
-    bytes_ = data.view(torch.uint8) if map_dtype in (FP8, FP4) else data
-    assert rel_err(cached_pv_op(bytes_, block_max, row_lse, v2, h, map_dtype), out64(p, v2, h)) < BOUND[map_dtype]
+    assert rel_err(cached_pv_op(data, block_max, row_lse, v2, h, fmt), out64(p, v2, h)) < BOUND[fmt]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_capture_then_reuse_in_model_dtype(dtype):
-    """The pair as attnreuse runs it: store at one step, multiply fresh values at the next."""
-    shape = (2, 2, 24, 140, 40)
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 40), (torch.float16, 160)])
+def test_what_the_kernels_do_not_take_runs_the_reference_path(monkeypatch, dtype, head_dim):
+    """The kernels take fp16/bf16 activations and head dims up to 128; the rest runs PyTorch's path with backend
+    'auto', and asking for the kernels names the fix."""
+    from attnreuse.kernels import ops
+    monkeypatch.setattr(ops, "backend_available", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as if these were CUDA tensors
+    launched = []
+    monkeypatch.setattr(torch.ops.attnreuse, "capture", lambda *a: launched.append(a))
+    shape = (1, 2, 24, 140, head_dim)
     b, h, nq, nk, d = shape
-    q, k, v = inputs(shape, dtype=dtype, seed=5)
-    out, data, block_max, row_lse = capture_op(q, k, v, h, d ** -0.5, FP8)
-    v2 = torch.randn_like(v)
-    reused = cached_pv_op(data, block_max, row_lse, v2, h, FP8)
-    assert reused.dtype == dtype and reused.shape == out.shape
-    assert rel_err(reused, out64(probs64(q, k, h, d ** -0.5), v2, h)) < 3e-2
+    q, k, v = (x.to(dtype) for x in inputs(shape, seed=5))
+    out, cmap = capture(q, k, v, h, d ** -0.5, "fp8")
+    assert not launched and rel_err(out, out64(probs64(q, k, h, d ** -0.5), v, h)) < 1e-3
+    with pytest.raises(ValueError, match="fp16 or bf16, head dims up to 128"):
+        cached_pv(cmap, v, h, backend="triton")
 
 
 def test_zero_blocks_read_as_zero():
@@ -108,35 +123,44 @@ def test_zero_blocks_read_as_zero():
     p[..., KEY_BLOCK:2 * KEY_BLOCK] = 0
     p /= p.sum(-1, keepdim=True)
     v = inputs(shape)[2]
-    for dtype in MAP_DTYPES:
-        cmap = CachedMap.from_probs(p, dtype)
+    for fmt in FORMATS:
+        cmap = CachedMap.from_probs(p, fmt)
         assert torch.isneginf(cmap.block_max[:, :, 1]).all()
         assert cmap.dequantize()[..., KEY_BLOCK:2 * KEY_BLOCK].eq(0).all()
-        out = poisoned(shape, dtype)[0]
-        launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h)
+        out = poisoned(shape, fmt)[0]
+        launch_cached_pv(out, as_items(cmap), cmap.block_max, cmap.row_lse, v, h, fmt)
         assert not out.isnan().any()
-        assert rel_err(out, out64(p, v, h)) < BOUND[dtype]
+        assert rel_err(out, out64(p, v, h)) < BOUND[fmt]
 
 
-def test_strided_inputs():
-    """q/k/v straight out of a fused projection (row stride 3·H·D) need no copy."""
+def test_strided_and_unaligned_inputs():
+    """q/k/v straight out of a fused projection (row stride 3·H·D) need no copy; rows that are not 16-byte
+    aligned (a view into wider rows; a head dim whose output rows are 40 bytes) are copied or padded, never
+    misread."""
     shape = (1, 2, 20, 20, 40)
     b, h, n, _, d = shape
     qkv = torch.randn(b, n, 3 * h * d, device=DEVICE).half()
     q, k, v = qkv.chunk(3, dim=-1)
-    out, data, block_max, row_lse = capture_op(q, k, v, h, d ** -0.5, torch.float16)
+    out, data, block_max, row_lse = capture_op(q, k, v, h, d ** -0.5, "fp16")
     p = probs64(q, k, h, d ** -0.5)
     assert rel_err(out, out64(p, v, h)) < 2e-3
-    assert rel_err(cached_pv_op(data, block_max, row_lse, v, h, torch.float16), out64(p, v, h)) < 1e-3
+    assert rel_err(cached_pv_op(data, block_max, row_lse, v, h, "fp16"), out64(p, v, h)) < 1e-3
+    wide = torch.randn(b, n, h * d + 3, device=DEVICE).half()[..., :h * d]  # row stride 83 halves: 166 bytes
+    assert rel_err(cached_pv_op(data, block_max, row_lse, wide, h, "fp16"), out64(p, wide, h)) < 1e-3
+    q, k, v = inputs((1, 1, 20, 20, 20), seed=2)  # H·D = 20 halves: 40-byte rows
+    out, data, block_max, row_lse = capture_op(q, k, v, 1, 20 ** -0.5, "fp8")
+    p = probs64(q, k, 1, 20 ** -0.5)
+    assert rel_err(out, out64(p, v, 1)) < 2e-3
+    assert rel_err(cached_pv_op(data, block_max, row_lse, v, 1, "fp8"), out64(p, v, 1)) < BOUND["fp8"]
 
 
 def test_custom_ops_registration():
     shape = (1, 2, 16, 16, 16)
     q, k, v = inputs(shape)
-    for map_dtype in (FP8, FP4):
-        torch.library.opcheck(capture_op, (q, k, v, 2, 0.25, map_dtype), test_utils=("test_schema", "test_faketensor"))
-        _, data, block_max, row_lse = capture_op(q, k, v, 2, 0.25, map_dtype)
-        torch.library.opcheck(cached_pv_op, (data, block_max, row_lse, v, 2, map_dtype),
+    for fmt in FORMATS:
+        torch.library.opcheck(capture_op, (q, k, v, 2, 0.25, fmt), test_utils=("test_schema", "test_faketensor"))
+        _, data, block_max, row_lse = capture_op(q, k, v, 2, 0.25, fmt)
+        torch.library.opcheck(cached_pv_op, (data, block_max, row_lse, v, 2, fmt),
                               test_utils=("test_schema", "test_faketensor"))
 
 
@@ -144,7 +168,7 @@ def test_public_api_checks_inputs_once():
     q, k, v = inputs((1, 1, 16, 16, 16))
     with pytest.raises(ValueError, match="backend='triton' needs CUDA activations"):
         capture(q.double().cpu(), k.double().cpu(), v.double().cpu(), 1, 0.25, torch.float16, backend="triton")
-    with pytest.raises(TypeError, match="maps are stored as one of"):
+    with pytest.raises(ValueError, match="is not a map format"):
         capture(q, k, v, 1, 0.25, torch.int8)
     with pytest.raises(ValueError, match="with 3 heads"):
         capture(q, k, v, 3, 0.25, torch.float16)
@@ -153,8 +177,8 @@ def test_public_api_checks_inputs_once():
         cached_pv(cmap, v[:, :8].float().cpu(), 1)
 
 
-@pytest.mark.parametrize("map_dtype", [FP8, FP4])
-def test_public_api_compiles_without_graph_breaks(monkeypatch, map_dtype):
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_public_api_compiles_without_graph_breaks(monkeypatch, fmt):
     """The path a patched UNet takes under torch.compile: validation, the ops, CachedMap, in one graph."""
     from attnreuse.kernels import ops
     monkeypatch.setattr(ops, "_use_triton", lambda *args: True)  # the Triton path on CPU tensors (interpreter)
@@ -162,7 +186,7 @@ def test_public_api_compiles_without_graph_breaks(monkeypatch, map_dtype):
     q, k, v = inputs(shape)
 
     def step(q, k, v):
-        _, cmap = capture(q, k, v, 2, 0.25, map_dtype)
+        _, cmap = capture(q, k, v, 2, 0.25, fmt)
         return cached_pv(cmap, v, 2)
 
     assert torch.equal(torch.compile(step, fullgraph=True, backend="eager")(q, k, v), step(q, k, v))
@@ -173,12 +197,15 @@ def test_warmup_needs_cuda_and_checks_arguments(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         warmup.main(["--resolution", "500"])
     assert "multiple of 64" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        warmup.main(["--cache-dtype", "fp32"])  # no kernels for fp32 maps
+    assert "invalid choice" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA device"):
         warmup.main(["--model", "sdxl", "--resolution", "1024", "--cache-dtype", "fp8", "fp16"])
 
 
-@pytest.mark.parametrize("variant", ["no_split", "native_fp8"])
+@pytest.mark.parametrize("variant", ["no_split", "m64"])
 def test_cached_pv_variants(variant):
     """The config variants a GPU sweep may pick compute the same product."""
     from attnreuse.kernels.tuning import VARIANTS, cached_pv_config
@@ -186,8 +213,52 @@ def test_cached_pv_variants(variant):
     b, h, nq, nk, d = shape
     q, k, v = inputs(shape, seed=3)
     p = probs64(q, k, h, d ** -0.5)
-    cmap = CachedMap.from_probs(p, FP8)
-    out = poisoned(shape, FP8)[0]
-    launch_cached_pv(out, cmap.data, cmap.block_max, cmap.row_lse, v, h,
-                     config=VARIANTS["cached_pv"][variant](cached_pv_config(d, nq, FP8)))
-    assert rel_err(out, out64(p, v, h)) < BOUND[FP8]
+    for fmt in ("fp8", "fp4"):
+        cmap = CachedMap.from_probs(p, fmt)
+        out = poisoned(shape, fmt)[0]
+        launch_cached_pv(out, as_items(cmap), cmap.block_max, cmap.row_lse, v, h, fmt,
+                         config=VARIANTS["cached_pv"][variant](cached_pv_config(d, nq, nk, cmap.format)))
+        assert rel_err(out, out64(p, v, h)) < BOUND[fmt]
+
+
+# ---- the 4-bit decode's inline PTX, executed by a small PTX interpreter ---------------------------------------
+
+def _run_ptx(asm: str, word: int) -> list[int]:
+    """Run the kernels' E2M2 decode (``shr``, ``prmt``, ``and`` on .b32 registers) on one packed word."""
+    regs = {"$4": word}
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    for line in asm.replace("{", ";").replace("}", ";").split(";"):
+        parts = re.split(r"[\s,]+", line.strip())
+        op, args = parts[0], parts[1:]
+        if op == "shr.b32":
+            regs[args[0]] = val(args[1]) >> val(args[2])
+        elif op == "and.b32":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "prmt.b32":
+            src = val(args[1]).to_bytes(4, "little") + val(args[2]).to_bytes(4, "little")
+            sel = val(args[3])
+            out = []
+            for i in range(4):
+                nib = (sel >> (4 * i)) & 15
+                byte = src[nib & 7]
+                out.append((0xFF if byte & 0x80 else 0) if nib & 8 else byte)
+            regs[args[0]] = int.from_bytes(bytes(out), "little")
+        elif op and not op.startswith(".reg"):
+            raise AssertionError(f"the test's PTX interpreter does not know {op}")
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_e2m2_decode_ptx_matches_the_format():
+    """Every byte value in every position of a packed word decodes, through the PTX the kernels run, to the
+    fp16 patterns of its two codes (low nibble first) times 2⁻¹⁴: the values the reference decodes."""
+    from attnreuse.kernels.triton_kernels import _E2M2_TO_FP16
+    values = formats.e2m2_values(torch.arange(16, dtype=torch.uint8))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        word = bytes(torch.randint(0, 256, (4,), generator=g).tolist())
+        for j, pair in enumerate(_run_ptx(str(_E2M2_TO_FP16.value), int.from_bytes(word, "little"))):
+            halves = torch.tensor([pair & 0xFFFF, pair >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
+            assert torch.equal(halves.float() * 2.0 ** 14, values[[word[j] & 15, word[j] >> 4]])

@@ -8,11 +8,11 @@ import torch
 
 import attnreuse
 import attnreuse.patching as patch_module
-from attnreuse.planner import LayerCost, LayerShape, auto_dtypes, layer_shapes, make_plan
-from attnreuse.kernels import FP4, FP8, storage_nbytes
+from attnreuse.planner import LayerCost, LayerShape, auto_formats, layer_shapes, make_plan
+from attnreuse.kernels import formats, storage_nbytes
 from tests.helpers import make_unet, sample
 
-F16 = torch.float16
+F16, FP8, FP4 = (formats.get(n) for n in ("fp16", "fp8", "fp4"))
 
 
 def shape(tokens, heads=8, kv=None):
@@ -21,8 +21,8 @@ def shape(tokens, heads=8, kv=None):
 
 
 def table(costs):
-    """A cost function from ``{(q_tokens, dtype): (compute, capture, reuse)}``."""
-    return lambda s, dtype: LayerCost(*costs[(s.q_tokens, dtype)])
+    """A cost function from ``{(q_tokens, map format): (compute, capture, reuse)}``."""
+    return lambda s, fmt: LayerCost(*costs[(s.q_tokens, fmt)])
 
 
 SHAPES = {"big": shape(4096), "mid": shape(1024), "small": shape(256)}
@@ -40,8 +40,8 @@ def nbytes(name, dtype):
 
 def test_plan_picks_dtype_and_skips_layers_that_do_not_pay():
     plan = {p.name: p for p in make_plan(SHAPES, COSTS, (F16, FP8), n_reuse=10, n_capture=1)}
-    assert plan["big"].reuse and plan["big"].dtype == FP8 and plan["big"].bytes == nbytes("big", FP8)
-    assert plan["mid"].reuse and plan["mid"].dtype == F16
+    assert plan["big"].reuse and plan["big"].format == FP8 and plan["big"].bytes == nbytes("big", FP8)
+    assert plan["mid"].reuse and plan["mid"].format == F16
     assert not plan["small"].reuse and "not faster" in plan["small"].reason
     assert plan["big"].saving_ms == pytest.approx(10 * (0.20 - 0.08) - (0.28 - 0.20))
 
@@ -67,7 +67,7 @@ def test_plan_prefers_time_saved_per_byte():
 
 def test_single_dtype_is_respected():
     plan = make_plan(SHAPES, COSTS, (F16,), 10, 1)
-    assert {p.dtype for p in plan if p.reuse} == {F16}
+    assert {p.format for p in plan if p.reuse} == {F16}
 
 
 class _no_warning:
@@ -103,10 +103,10 @@ def test_layer_shapes_follow_the_unet(arch):
 @pytest.fixture
 def fixed_costs(monkeypatch):
     """Cross-attention never pays, self-attention pays with fp8 best."""
-    def cost(s, dtype):
+    def cost(s, fmt):
         if s.kv_tokens == 7:
             return LayerCost(1.0, 1.5, 2.0)
-        return LayerCost(1.0, 1.2, 0.2 if dtype == FP8 else 0.5)
+        return LayerCost(1.0, 1.2, 0.2 if fmt == FP8 else 0.5)
     monkeypatch.setattr(patch_module, "measured_cost", lambda device, dtype, backend: cost)
 
 
@@ -120,9 +120,9 @@ def test_patch_with_auto_dtype_follows_the_plan(fixed_costs):
         hook.remove()
         plan = {p.name: p for p in handle.plan}
         assert all(p.reuse == (not n.endswith("attn2")) for n, p in plan.items())
-        assert {p.dtype for p in plan.values() if p.reuse} == {FP8}
+        assert {p.format for p in plan.values() if p.reuse} == {FP8}
         assert {k[0] for k in maps} == {n for n, p in plan.items() if p.reuse}
-        assert all(m.dtype == FP8 for m in maps.values())
+        assert all(m.format == FP8 for m in maps.values())
 
 
 def test_patch_budget_is_never_exceeded_even_with_separate_cfg_calls(fixed_costs):
@@ -204,8 +204,8 @@ def test_sd15_512_fp8_cache_fits_in_1_5_gb():
 
 
 def test_auto_chooses_fp4_where_it_saves_most():
-    dtypes = auto_dtypes(F16)
-    assert dtypes == (F16, FP8, FP4)
+    candidates = auto_formats(torch.float16)
+    assert candidates == (F16, FP8, FP4)
     reuse_ms = {F16: 0.16, FP8: 0.08, FP4: 0.05}
-    plan = make_plan(SHAPES, lambda s, dtype: LayerCost(0.2, 0.3, reuse_ms[dtype]), dtypes, n_reuse=10, n_capture=1)
-    assert [p.dtype for p in plan] == [FP4] * 3 and plan[0].bytes == nbytes("big", FP4) < nbytes("big", FP8)
+    plan = make_plan(SHAPES, lambda s, fmt: LayerCost(0.2, 0.3, reuse_ms[fmt]), candidates, n_reuse=10, n_capture=1)
+    assert [p.format for p in plan] == [FP4] * 3 and plan[0].bytes == nbytes("big", FP4) < nbytes("big", FP8)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnreuse.kernels import FP4, FP8, CachedMap, cached_pv, capture, storage_nbytes
+from attnreuse.kernels import FP4, FP8, KEY_BLOCK, CachedMap, MapFormat, cached_pv, capture, formats, storage_nbytes
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.storage import KEY_BLOCK, log3_codes, log3_values
 from tests.helpers import rel_err
 
 
@@ -35,6 +34,7 @@ def test_capture_then_reuse_matches_float64(shape, map_dtype, bound):
     probs64, out64 = attention64(q, k, v, h, scale)
     assert rel_err(out, out64) < 1e-6  # the capture step's own output uses the unquantised map
     assert cmap.dtype == map_dtype and cmap.nbytes == storage_nbytes(b, h, nq, nk, map_dtype)
+    assert cmap.data.shape[-1] * cmap.data.element_size() % 16 == 0  # rows padded to 16 bytes
     assert rel_err(cmap.dequantize(torch.float64), probs64) < bound
     v2 = torch.randn_like(v)  # a later step: fresh values, the cached map
     reused = cached_pv(cmap, v2, h)
@@ -92,12 +92,12 @@ def test_block_format_at_least_as_accurate_as_row_scaling(kind):
 
 
 def test_fp4_per_block_scales_keep_the_tail():
-    """4-bit log⅓ codes: one scale per key block instead of per row keeps the tail of long diffuse rows, and
-    the row-sum correction makes every stored row sum to one."""
+    """4-bit E2M2 codes: one scale per key block instead of per row keeps the tail of long diffuse rows, and the
+    row-sum correction makes every stored row sum to one."""
     p = synthetic_rows("diffuse")
     v = torch.randn(1, 4096, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     rowmax = p.amax(-1, keepdim=True)
-    per_row = log3_values()[log3_codes(p / rowmax).long()].double() * rowmax
+    per_row = formats.e2m2_values(formats.e2m2_codes(p / rowmax * 7)).double() / 7 * rowmax
     cmap = CachedMap.from_probs(p, FP4)
     back = cmap.dequantize(torch.float64)
     assert cmap.data.shape[-1] == 4096 // 2 and cmap.shape == p.shape
@@ -105,15 +105,24 @@ def test_fp4_per_block_scales_keep_the_tail():
     assert rel_err(back @ v, p @ v) < 0.6 * rel_err(per_row @ v, p @ v)
 
 
-def test_log3_code():
-    """Nearest level 2^(−c/3) in the log domain, zero from 3·log2(max/p) ≥ 17 on; decoded as the kernels do."""
-    rel = torch.tensor([1.0, 2 ** (-1 / 3), 2 ** (-1.4 / 3), 2 ** (-1.6 / 3), 2 ** (-14 / 3), 2 ** (-16.9 / 3),
-                        2 ** (-17.1 / 3), 0.0], dtype=torch.float64)
-    assert log3_codes(rel).tolist() == [0, 1, 1, 2, 14, 14, 15, 15]
-    c = torch.arange(16)
-    q = (11 * c) >> 5
-    bits = 0x3C00 - (q << 10) - torch.tensor([0, 0x1A7, 0x2F6])[c - 3 * q]  # the kernels' decode
-    assert torch.equal(torch.where(c == 15, 0, bits).to(torch.int16).view(torch.float16), log3_values())
+def test_e2m2_code():
+    """Nearest of 0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7 (ties to even), decoded as the
+    kernels decode it: the code shifted left by 8 is the fp16 pattern of its value times 2⁻¹⁴."""
+    x = torch.tensor([0.0, 0.1, 0.125, 0.13, 0.9, 1.1, 1.125, 2.24, 2.26, 4.4, 4.6, 6.9, 7.0], dtype=torch.float64)
+    assert formats.e2m2_codes(x).tolist() == [0, 0, 0, 1, 4, 4, 4, 8, 9, 12, 13, 15, 15]
+    codes = torch.arange(16, dtype=torch.uint8)
+    assert formats.e2m2_values(codes).tolist() == [0, .25, .5, .75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 7]
+    assert torch.equal(formats.e2m2_codes(formats.e2m2_values(codes)), codes)
+
+
+def test_fragment_order():
+    """Within a key block, pair 4j + c is stored at 16c + j (what a tensor-core lane c reads side by side);
+    the inverse restores key order, and pairs never leave their block."""
+    pairs = torch.arange(2 * KEY_BLOCK // 2)  # two blocks of 64 pairs
+    stored = formats.to_fragment_order(pairs)
+    assert stored[16 * 1 + 2].item() == 4 * 2 + 1 and stored[64 + 16 * 3].item() == 64 + 3
+    assert torch.equal(formats.from_fragment_order(stored), pairs)
+    assert set(stored[:64].tolist()) == set(range(64))
 
 
 def test_zero_blocks_and_stats():
@@ -127,23 +136,59 @@ def test_zero_blocks_and_stats():
 
 
 def test_storage_validation():
-    data = torch.rand(1, 2, 3, 4)
+    data = torch.rand(1, 2, 3, 8)
     bmax, lse = torch.zeros(1, 2, 1, 3), torch.zeros(1, 2, 3)
-    CachedMap(data.to(FP8), bmax, lse)
+    CachedMap(data.half(), bmax, lse, 8)
+    CachedMap(data.half(), bmax, lse, 5)  # 5 keys take 8 items: rows padded to 16 bytes
+    with pytest.raises(ValueError, match="does not fit"):
+        CachedMap(data.half(), bmax, lse, 9)
     with pytest.raises(ValueError, match="block_max must be"):
-        CachedMap(data, torch.zeros(1, 2, 3, 1), lse)
+        CachedMap(data, torch.zeros(1, 2, 3, 1), lse, 8)
     with pytest.raises(ValueError, match="row_lse must be"):
-        CachedMap(data, bmax, lse.double())
+        CachedMap(data, bmax, lse.double(), 8)
     with pytest.raises(ValueError, match="contiguous"):
-        CachedMap(data.transpose(2, 3), bmax, lse)
-    with pytest.raises(TypeError, match="not one of"):
-        CachedMap(data.to(torch.int8), bmax, lse)
-    packed = torch.zeros(1, 2, 3, KEY_BLOCK // 2, dtype=torch.uint8).view(FP4)
-    with pytest.raises(ValueError, match="needs kv_tokens"):
-        CachedMap(packed, bmax, lse)
+        CachedMap(data.transpose(2, 3), bmax, lse, 3)
+    with pytest.raises(ValueError, match="not a map format"):
+        CachedMap(data.to(torch.int8), bmax, lse, 8)
+    with pytest.raises(TypeError, match="stores torch.float8_e4m3fn"):
+        CachedMap(data, bmax, lse, 4, formats.get("fp8"))
+    fp8 = torch.zeros(1, 2, 3, 80, dtype=torch.uint8).view(FP8)  # 77 keys: 77 bytes, padded to 80
+    assert CachedMap(fp8, bmax, lse, 77).shape == (1, 2, 3, 77)
+    with pytest.raises(ValueError, match="does not fit"):
+        CachedMap(fp8, bmax, lse, 100)
+    fp8 = torch.zeros(1, 2, 3, 2 * KEY_BLOCK, dtype=torch.uint8).view(FP8)  # a key block or more: whole blocks
+    assert CachedMap(fp8, torch.zeros(1, 2, 2, 3), lse, KEY_BLOCK + 1).shape == (1, 2, 3, KEY_BLOCK + 1)
+    packed = torch.zeros(1, 2, 3, KEY_BLOCK // 2, dtype=torch.uint8).view(FP4)  # 4-bit rows: always whole blocks
+    assert CachedMap(packed, bmax, lse, 77).shape == (1, 2, 3, 77)
     with pytest.raises(ValueError, match="does not fit"):
         CachedMap(packed, bmax, lse, KEY_BLOCK + 1)
-    assert CachedMap(packed, bmax, lse, 77).shape == (1, 2, 3, 77)
+
+
+def test_a_registered_format_runs_through_patch():
+    """A new format is one registry entry: a torch-only 8-bit linear code runs through attnreuse.patch on the
+    PyTorch path, its maps measure as it says, and it leaves the registry as it came."""
+    import attnreuse
+    from tests.helpers import make_unet, sample
+    lin8 = MapFormat("lin8", torch.uint8, bits=8, top=255.0, encode=lambda rel: torch.round(rel * 255).to(torch.uint8),
+                     decode=torch.Tensor.float)
+    formats.register(lin8)
+    try:
+        assert formats.get("lin8") is lin8 and "lin8" in formats.names()
+        with pytest.raises(ValueError, match="is taken"):
+            formats.register(MapFormat("lin8", torch.uint8, 8, 1.0, lin8.encode, lin8.decode))
+        unet = make_unet("sd15").double()
+        reference = sample(unet, steps=6)
+        with attnreuse.patch(unet, "111000", cache_dtype="lin8", backend="torch") as handle:
+            images = sample(unet, steps=6)
+            peak = handle.peak_cache_bytes
+        fp16 = attnreuse.patch(unet, "111000", cache_dtype="fp16", backend="torch")
+        with fp16:
+            images16 = sample(unet, steps=6)
+            assert peak < fp16.peak_cache_bytes  # one byte a key instead of two
+        assert rel_err(images, images16) < 0.1 * rel_err(images16, reference)  # the map format is a small part
+    finally:
+        formats.unregister(lin8)
+    assert "lin8" not in formats.names()
 
 
 def test_map_never_applied_to_other_shapes():

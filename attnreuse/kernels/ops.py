@@ -1,6 +1,7 @@
 """Public entry points: pick the Triton kernels for CUDA tensors, the PyTorch reference otherwise.
 
-``backend``: ``"auto"`` (Triton on CUDA when importable, else reference), ``"triton"`` or ``"torch"``.
+``backend``: ``"auto"`` (Triton on CUDA when importable and the format has kernels, else reference),
+``"triton"`` or ``"torch"``. Every input check happens here, once.
 """
 from __future__ import annotations
 
@@ -8,27 +9,31 @@ import functools
 
 import torch
 
+from . import formats
 from .reference import cached_pv_reference, capture_reference
-from .storage import FP4, FP8, STORAGE_DTYPES, CachedMap
+from .storage import CachedMap
+from .tuning import MAX_HEAD_DIM
 
 BACKENDS = ("auto", "triton", "torch")
+_VALUE_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' activations; fp32 models take the PyTorch path
 
 
-_VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAP_DTYPES = _VALUE_DTYPES + (FP8, FP4)
-
-
-def _use_triton(backend: str, values: tuple[torch.Tensor, ...], map_dtype: torch.dtype) -> bool:
-    """Whether to run the Triton kernels; ``"triton"`` on tensors they cannot take is an error."""
+def _use_triton(backend: str, values: tuple[torch.Tensor, ...], heads: int, fmt: formats.MapFormat) -> bool:
+    """Whether to run the Triton kernels; ``"triton"`` on tensors or a format they cannot take is an error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: pass one of {BACKENDS}")
     if backend == "torch":
         return False
-    usable = all(t.is_cuda and t.dtype in _VALUE_DTYPES for t in values) and map_dtype in _MAP_DTYPES
+    head_dim = values[0].shape[-1] // heads
+    usable = (all(t.is_cuda and t.dtype in _VALUE_DTYPES for t in values) and fmt.kernel is not None
+              and head_dim <= MAX_HEAD_DIM)
     if backend == "triton" and not usable:
-        raise ValueError("backend='triton' needs CUDA activations in fp16, bf16 or fp32 and maps in those, fp8 "
-                         f"or fp4; got {sorted({f'{t.device.type} {t.dtype}' for t in values})} and a {map_dtype} map: "
-                         "use backend='auto' or 'torch'")
+        kernel_formats = [f.name for f in formats.formats() if f.kernel is not None]
+        raise ValueError("backend='triton' needs CUDA activations in fp16 or bf16, head dims up to "
+                         f"{MAX_HEAD_DIM} and a map format with kernels ({', '.join(kernel_formats)}); got "
+                         f"{sorted({f'{t.device.type} {t.dtype}' for t in values})}, head dim {head_dim} and "
+                         f"{fmt.name} maps: use backend='auto' (the PyTorch path where the kernels cannot go) "
+                         "or 'torch'")
     return usable and backend_available()
 
 
@@ -48,8 +53,9 @@ def backend_available() -> bool:
     return torch.cuda.is_available()
 
 
-def capture(q, k, v, heads: int, scale: float, map_dtype: torch.dtype, mask=None, backend: str = "auto"):
-    """Attention ``softmax(q kᵀ·scale + mask) v`` and its map stored as ``map_dtype``.
+def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: str = "auto"):
+    """Attention ``softmax(q kᵀ·scale + mask) v`` and its map stored in ``map_format`` (a registered format,
+    its name, or a torch dtype such as ``torch.float16``).
 
     ``q``: ``[B, Nq, H·D]``; ``k``, ``v``: ``[B, Nk, H·D]``. Returns ``(out [B, Nq, H·D], CachedMap)``.
     A ``mask`` always takes the reference path (diffusers UNets pass none to self/cross-attention).
@@ -59,12 +65,11 @@ def capture(q, k, v, heads: int, scale: float, map_dtype: torch.dtype, mask=None
     if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need the same batch "
                          "and tokens, q and k the same batch and width")
-    if map_dtype not in STORAGE_DTYPES:
-        raise TypeError(f"maps are stored as one of {STORAGE_DTYPES}, not {map_dtype}")
-    if mask is None and _use_triton(backend, (q, k, v), map_dtype):
-        out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), map_dtype)
-        return out, CachedMap(data.view(map_dtype), block_max, row_lse, k.shape[1])
-    return capture_reference(q, k, v, heads, scale, map_dtype, mask)
+    fmt = formats.get(map_format)
+    if mask is None and _use_triton(backend, (q, k, v), heads, fmt):
+        out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
+        return out, CachedMap(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
+    return capture_reference(q, k, v, heads, scale, fmt, mask)
 
 
 def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto") -> torch.Tensor:
@@ -77,7 +82,7 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
             f"with {heads} heads: the map belongs to another batch, resolution or layer")
     if cmap.data.device != v.device:
         raise ValueError(f"cached map on {cmap.data.device}, values on {v.device}: move one of them")
-    if _use_triton(backend, (v,), cmap.dtype):
-        data = cmap.data.view(torch.uint8) if cmap.dtype in (FP8, FP4) else cmap.data  # bytes across the op
-        return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.dtype)
+    if _use_triton(backend, (v,), heads, cmap.format):
+        data = cmap.data.view(torch.uint8) if cmap.format.bits <= 8 else cmap.data  # bytes across the op
+        return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.format.name)
     return cached_pv_reference(cmap, v, heads)

@@ -32,11 +32,11 @@ def attention_probs(q, k, heads: int, scale: float, mask: torch.Tensor | None = 
     return scores.softmax(dim=-1)
 
 
-def capture_reference(q, k, v, heads: int, scale: float, map_dtype: torch.dtype, mask=None):
-    """Attention output (in ``v.dtype``) and its map in storage format ``map_dtype``."""
+def capture_reference(q, k, v, heads: int, scale: float, map_format, mask=None):
+    """Attention output (in ``v.dtype``) and its map in ``map_format`` (anything ``formats.get`` takes)."""
     probs = attention_probs(q, k, heads, scale, mask)
     out = torch.matmul(probs.to(v.dtype), split_heads(v, heads))
-    return merge_heads(out), CachedMap.from_probs(probs, map_dtype)
+    return merge_heads(out), CachedMap.from_probs(probs, map_format)
 
 
 def cached_pv_reference(cmap: CachedMap, v: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,202 +1,295 @@
 """Triton kernels: ``cached_pv`` (O = A_cached · V) and ``capture`` (one-pass attention that also stores its map).
 
-The map format is the one of :mod:`.storage`: per key block of ``KEY_BLOCK`` keys, data relative to the
+The map format is the one of :mod:`.storage`: per key block of ``KEY_BLOCK`` keys, values relative to the
 block's own maximum, the block maximum (log2) per (row, block), the log-sum-exp (log2) per row. Both kernels
-take ``KEY_BLOCK`` keys per loop iteration, so a key tile is exactly one block of the format.
+take ``KEY_BLOCK`` keys per loop iteration, so a key tile is exactly one block of the format. A map's format
+(:mod:`.formats`) reaches the kernels as one constant, ``MAP_FORMAT``, read only by ``_decode`` and ``_encode``.
 
-Both read q/k/v in the ``[B, N, H·D]`` layout diffusers' projections produce (as ``[B, N, H, D]`` through
-strides) and write O straight into the ``[B, Nq, H·D]`` layout ``to_out`` consumes. Offsets are 64-bit:
-one SD1.5 1024² self-attention map has more than 2³¹ elements.
+Both read q/k/v in the ``[B, N, H·D]`` layout diffusers' projections produce and write O straight into the
+``[B, Nq, H·D]`` layout ``to_out`` consumes. The head dim is a compile-time constant (head ``h`` starts at
+column ``h · HEAD_DIM``) and row strides arrive in units of 16 bytes (``*_V16``), so the compiler can prove
+every row 16-byte aligned and loads whole vectors at any head dim (40, 80 and 160 included). Offsets are
+64-bit: one SD1.5 1024² self-attention map has more than 2³¹ elements.
 
-fp8 e4m3 maps travel as raw bytes. Stored values are non-negative, so an e4m3 byte shifted left by 7 bits
-is an fp16 bit pattern of the same value times 2⁻⁸ (mantissa and exponent fields line up, subnormals
-included): dequantising costs an integer shift instead of a conversion, and the 2⁸ folds into the final row
-scale. Quantising runs the same way backwards, with round-to-nearest-even on the dropped bits. 4-bit log⅓
-codes are decoded to fp16 bit patterns by integer arithmetic (no table, no exp); a packed key block is
-unpacked into its two halves (low nibbles: first half of the block's keys, high nibbles: second half).
+Decoding (``_decode``):
+
+* fp8 (e4m3 bytes): the hardware's e4m3x2 → f16x2 conversion from sm_89 on (``FP8_CVT``); before, the byte
+  shifted left by 7 bits is an fp16 bit pattern of the value times 2⁻⁸ (exact for non-negative values,
+  subnormals included), and the 2⁸ folds into the output scale.
+* unsigned E2M2 (two codes per byte, key 2i in the low nibble): a code shifted left by 8 bits is an fp16 bit
+  pattern of its value times 2⁻¹⁴; one ``prmt`` puts a byte and its high nibble into the two fp16 halves of a
+  register and one AND keeps the codes: 9 instructions per 8 keys (the 2¹⁴ folds into the output scale).
+
+Compressed maps of rows of at least one key block are stored in tensor-core fragment order (``FRAGMENT``,
+``formats.to_fragment_order``); ``_key_order`` undoes it in registers, so each thread reads its part of a
+tile as 16-byte vectors.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from . import formats
 
-@triton.jit
-def _fp8_bytes_to_fp16(a):
-    return (a.to(tl.uint16) << 7).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _fp16_to_fp8_bytes(x):
-    """``x`` in [0, 448] (fp32) -> e4m3fn bytes, round to nearest even."""
-    u = (x * (1.0 / 256.0)).to(tl.float16).to(tl.uint16, bitcast=True)
-    u = u + 0x3F + ((u >> 7) & 1)
-    return (u >> 7).to(tl.uint8)
+MAP_FP16 = tl.constexpr(formats.KERNEL_FP16)
+MAP_BF16 = tl.constexpr(formats.KERNEL_BF16)
+MAP_FP8 = tl.constexpr(formats.KERNEL_FP8)
+MAP_E2M2 = tl.constexpr(formats.KERNEL_E2M2)
 
 
-@triton.jit
-def _log3_to_fp16(c):
-    """4-bit log⅓ code -> fp16(2^(−c/3)), 0 for code 15: q = c div 3 (as (11c) >> 5), r = c − 3q."""
-    c = c.to(tl.int32)
-    q = (11 * c) >> 5
-    r = c - 3 * q
-    bits = 0x3C00 - (q << 10) - tl.where(r == 0, 0, tl.where(r == 1, 0x1A7, 0x2F6))
-    return tl.where(c == 15, 0, bits).to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _fp4_bytes_to_fp16(a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``[BLOCK_M, BLOCK_N / 2]`` packed bytes -> ``[BLOCK_M, BLOCK_N]`` fp16 values, keys in order."""
-    keys = tl.reshape(tl.permute(tl.join(a & 15, a >> 4), (0, 2, 1)), (BLOCK_M, BLOCK_N))
-    return _log3_to_fp16(keys)
+# 4 packed bytes -> 4 × f16x2, register j = (low nibble, high nibble) of byte j at bits 8-11 and 24-27.
+# prmt picks bytes by the selector's nibbles (0-3: $4, 4-7: $4 >> 4): byte j into byte 1, byte j of the
+# shifted word (whose low nibble is byte j's high nibble) into byte 3.
+_E2M2_TO_FP16 = tl.constexpr("""{ .reg .b32 w4;
+    shr.b32 w4, $4, 4;
+    prmt.b32 $0, $4, w4, 0x4000;
+    and.b32 $0, $0, 0x0F000F00;
+    prmt.b32 $1, $4, w4, 0x5010;
+    and.b32 $1, $1, 0x0F000F00;
+    prmt.b32 $2, $4, w4, 0x6020;
+    and.b32 $2, $2, 0x0F000F00;
+    prmt.b32 $3, $4, w4, 0x7030;
+    and.b32 $3, $3, 0x0F000F00; }""")
 
 
 @triton.jit
-def _log3_codes(s, m_blk):
-    """Codes of exp2(s − m_blk): round(3·(m_blk − s)) up to 14, 15 (zero) from 17 on (and for s = −inf)."""
-    t = (m_blk[:, None] - s) * 3.0
-    return tl.where(t < 17.0, tl.minimum(tl.floor(t + 0.5), 14.0), 15.0).to(tl.uint8)
+def _decode(a, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr, ASM: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stored items of one key block ``[BLOCK_M, items]`` -> ``[BLOCK_M, BLOCK_N]`` values for the dot: fp16 for
+    fp8 (times 2⁻⁸ where ``FP8_CVT`` is off) and E2M2 (times 2⁻¹⁴), the map's own dtype otherwise. ``ASM`` off
+    (Triton's interpreter runs no PTX): E2M2 by Triton's own integer ops instead."""
+    if MAP_FORMAT == MAP_FP8:
+        if FRAGMENT:
+            a = _key_order(a, BLOCK_M, 2)
+        if FP8_CVT:
+            return a.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        return (a.to(tl.uint16) << 7).to(tl.float16, bitcast=True)
+    elif MAP_FORMAT == MAP_E2M2:
+        if FRAGMENT:
+            a = _key_order(a, BLOCK_M, 1)
+        if ASM:
+            pairs = tl.inline_asm_elementwise(_E2M2_TO_FP16, "=r,=r,=r,=r,r", [a], dtype=tl.uint32, is_pure=True,
+                                              pack=4)
+            lo = (pairs & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+            hi = (pairs >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+        else:
+            lo = ((a & 15).to(tl.uint16) << 8).to(tl.float16, bitcast=True)
+            hi = ((a >> 4).to(tl.uint16) << 8).to(tl.float16, bitcast=True)
+        return tl.reshape(tl.join(lo, hi), (BLOCK_M, BLOCK_N))  # keys 2i, 2i + 1
+    else:
+        return a
 
 
 @triton.jit
-def _pack_fp4(c, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Codes ``[BLOCK_M, BLOCK_N]`` -> bytes ``[BLOCK_M, BLOCK_N / 2]``: key i low nibble, key i + BLOCK_N/2 high."""
-    lo, hi = tl.split(tl.permute(tl.reshape(c, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    return lo | (hi << 4)
+def _key_order(a, BLOCK_M: tl.constexpr, PAIR: tl.constexpr):
+    """A block's items ``[BLOCK_M, 64 · PAIR]`` from storage (fragment) order to key order: pair ``16c + j`` ->
+    ``4j + c`` (``formats.to_fragment_order``; PAIR items per key pair). Register renaming where the items are
+    loaded for the dot."""
+    return tl.reshape(tl.permute(tl.reshape(a, (BLOCK_M, 4, 16, PAIR)), (0, 2, 1, 3)), (BLOCK_M, 64 * PAIR))
 
 
 @triton.jit
-def _program_tile(H, NQ, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's (batch, head), its query rows (64-bit) and the key/head-dim ranges, with masks."""
-    pid_bh = tl.program_id(1)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    return ((pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, tl.arange(0, BLOCK_N), offs_d,
-            offs_m < NQ, offs_d < D)
+def _fragment_order(a, BLOCK_M: tl.constexpr, PAIR: tl.constexpr):
+    """Inverse of :func:`_key_order`: pair ``4j + c`` -> ``16c + j``."""
+    return tl.reshape(tl.permute(tl.reshape(a, (BLOCK_M, 16, 4, PAIR)), (0, 2, 1, 3)), (BLOCK_M, 64 * PAIR))
+
+
+@triton.jit
+def _encode(p, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """``p = exp2(s − m_blk)`` ``[BLOCK_M, BLOCK_N]`` -> ``(items to store, stored values, relative to the block
+    maximum up to the constant ``_STORED_SCALE``)``; the second matters for formats whose rows are normalised
+    by their stored values (E2M2)."""
+    if MAP_FORMAT == MAP_FP8:
+        if FP8_CVT:
+            e4m3 = (p * 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            u = (p * (448.0 / 256.0)).to(tl.float16).to(tl.uint16, bitcast=True)  # RNE on the 7 dropped bits
+            e4m3 = ((u + 0x3F + ((u >> 7) & 1)) >> 7).to(tl.uint8)
+        return (_fragment_order(e4m3, BLOCK_M, 2) if FRAGMENT else e4m3), p
+    elif MAP_FORMAT == MAP_E2M2:
+        # The E2M2 code of p · 7 is the e5m2 byte of p · 7 · 2⁻¹⁴ (the top byte of its fp16 pattern): rounded to
+        # nearest, ties to even, by the hardware's conversion; without it, by rounding away the fp16 pattern's
+        # low 8 bits. Past NK, p = 0: code 0. The stored value comes back as the e5m2 number (level · 2⁻¹⁴ / 7,
+        # scaled back once per row by the caller).
+        if FP8_CVT:
+            q = (p * (7.0 / 16384.0)).to(tl.float8e5)
+            codes = q.to(tl.uint8, bitcast=True)
+            level = q.to(tl.float32)
+        else:
+            u = (p * (7.0 / 16384.0)).to(tl.float16).to(tl.uint16, bitcast=True)
+            codes = ((u + 0x7F + ((u >> 8) & 1)) >> 8).to(tl.uint8)
+            level = (codes.to(tl.uint16) << 8).to(tl.float16, bitcast=True).to(tl.float32)
+        lo, hi = tl.split(tl.reshape(codes, (BLOCK_M, BLOCK_N // 2, 2)))
+        return (_fragment_order(lo | (hi << 4), BLOCK_M, 1) if FRAGMENT else lo | (hi << 4)), level
+    else:
+        return p, p
+
+
+@triton.jit
+def _stored_scale(MAP_FORMAT: tl.constexpr):
+    """What ``_encode``'s stored values are multiplied by to be relative to the block maximum."""
+    return 16384.0 / 7.0 if MAP_FORMAT == MAP_E2M2 else 1.0
+
+
+@triton.jit
+def _rows(stride_v16, ITEM_BYTES: tl.constexpr):
+    """A row stride passed in 16-byte units, in items: the compiler sees a multiple of 16 bytes."""
+    return stride_v16.to(tl.int64) * (16 // ITEM_BYTES)
 
 
 @triton.jit
 def cached_pv_kernel(
     A, BMAX, LSE, V, O,
-    stride_ab, stride_ah, stride_am,  # map data [B, H, Nq, Nk], unit stride along Nk
-    stride_xb, stride_xh, stride_xn,  # block maxima [B, H, NB, Nq], unit stride along Nq
-    stride_lb, stride_lh,  # row log-sum-exp [B, H, Nq]
-    stride_vb, stride_vn, stride_vh,  # V as [B, Nk, H, D], unit stride along D
-    stride_ob, stride_om, stride_oh,  # O as [B, Nq, H, D], unit stride along D
-    H, NQ, NK, D,
-    OUT_SCALE: tl.constexpr,  # 1 / TOP of the format (times 2⁸ for fp8 bytes dequantised by the shift)
-    FP8_BYTES: tl.constexpr, NATIVE_FP8: tl.constexpr, FP4_PACKED: tl.constexpr,
+    sa_b, sa_h, sa_m,  # map data [B, H, Nq, items], in 16-byte units
+    sx_b, sx_h,  # block maxima [B, H, NB, Nq] (unit stride along Nq; Nq between key blocks)
+    sl_b, sl_h,  # row log-sum-exp [B, H, Nq]
+    sv_b, sv_n,  # V [B, Nk, H·D], in 16-byte units
+    so_b, so_m,  # O [B, Nq, H·D], in 16-byte units
+    H, NQ, NK, ROW_ITEMS,
+    HEAD_DIM: tl.constexpr, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr,
+    ASM: tl.constexpr, OUT_SCALE: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
-    """acc += (data_blk · V_blk) · exp2(block_max − row_lse): one fp32 multiply per row per key block.
-
-    ``BLOCK_D2 > 0`` splits the head dim into columns ``[0, BLOCK_D)`` and ``[BLOCK_D, BLOCK_D + BLOCK_D2)``,
-    two dots on the same map tile: d = 40, 80, 160 cost 48, 80, 160 columns of tensor-core work instead of
-    64, 128, 256 (and d = 160 keeps a 128 + 32 accumulator instead of 256)."""
-    b, h, offs_m, offs_n, offs_d, mask_m, mask_d = _program_tile(H, NQ, D, BLOCK_M, BLOCK_N, BLOCK_D)
-    A_STEP: tl.constexpr = BLOCK_N // 2 if FP4_PACKED else BLOCK_N  # map bytes per row per key block
-    offs_a = tl.arange(0, A_STEP)
-    a_ptrs = A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + offs_a[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-    x_ptrs = BMAX + b * stride_xb + h * stride_xh + offs_m
-    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=mask_m, other=0.0)
+    """O = Σ over key blocks of (values_blk · V_blk) · exp2(block_max − row_lse) / TOP: one fp32 multiply per
+    row and key block, on the block's partial product (never inside the fp16 operands). ``BLOCK_D2 > 0``
+    splits the head dim into columns ``[0, BLOCK_D)`` and ``[BLOCK_D, BLOCK_D + BLOCK_D2)``, two dots on the
+    same decoded map tile: d = 40, 80, 160 cost 48, 80, 160 columns of tensor-core work instead of 64, 128,
+    256. The next block's factors load one iteration ahead."""
+    A_ITEM: tl.constexpr = A.dtype.element_ty.primitive_bitwidth // 8
+    V_ITEM: tl.constexpr = V.dtype.element_ty.primitive_bitwidth // 8
+    O_ITEM: tl.constexpr = O.dtype.element_ty.primitive_bitwidth // 8
+    A_STEP: tl.constexpr = BLOCK_N // 2 if MAP_FORMAT == MAP_E2M2 else BLOCK_N  # items per row per key block
+    pid_bh = tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = (offs_m < NQ) | EVEN_M  # EVEN_*: no partial tiles, the masks fold away
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, A_STEP)
+    offs_d = tl.arange(0, BLOCK_D)
+    a_ptrs = A + b * _rows(sa_b, A_ITEM) + h * _rows(sa_h, A_ITEM) + offs_m[:, None] * _rows(sa_m, A_ITEM) + offs_i[None, :]
+    v_row = V + b * _rows(sv_b, V_ITEM) + h * HEAD_DIM + offs_n[:, None].to(tl.int64) * _rows(sv_n, V_ITEM)
+    x_ptrs = BMAX + b * sx_b + h * sx_h + offs_m
+    lse = tl.load(LSE + b * sl_b + h * sl_h + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        mask_d2 = offs_d2 < D
-        v2_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None].to(tl.int64) * stride_vn + offs_d2[None, :]
         acc2 = tl.zeros((BLOCK_M, BLOCK_D2), dtype=tl.float32)
+    x = tl.load(x_ptrs, mask=mask_m, other=float("-inf"))
+    last_block = (NK - 1) // BLOCK_N
     for start in range(0, NK, BLOCK_N):
-        mask_n = (start + offs_n) < NK
-        if FP4_PACKED:  # whole key blocks are stored (code 15, zero, past NK)
-            a = _fp4_bytes_to_fp16(tl.load(a_ptrs, mask=mask_m[:, None], other=0), BLOCK_M, BLOCK_N)
-        else:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0)
-        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        f = tl.math.exp2(tl.load(x_ptrs, mask=mask_m, other=float("-inf")) - lse)  # 0 for a zero block
-        if FP8_BYTES:
-            if NATIVE_FP8:
-                a = a.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-            else:
-                a = _fp8_bytes_to_fp16(a)
-        a = a.to(DOT_DTYPE)
+        f = tl.math.exp2(x - lse)  # 0 for a zero block
+        nxt = tl.minimum(start // BLOCK_N + 1, last_block)  # the last iteration reloads its own block
+        x = tl.load(x_ptrs + nxt * NQ, mask=mask_m, other=float("-inf"))
+        key_ok = (start + offs_n < NK) | EVEN_N
+        item_ok = (start // (BLOCK_N // A_STEP) + offs_i < ROW_ITEMS) | EVEN_N
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & item_ok[None, :], other=0)
+        a = _decode(a, MAP_FORMAT, FRAGMENT, FP8_CVT, ASM, BLOCK_M, BLOCK_N).to(DOT_DTYPE)
+        v = tl.load(v_row + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
         acc += tl.dot(a, v.to(DOT_DTYPE), input_precision=PRECISION) * f[:, None]
         if BLOCK_D2 > 0:
-            v2 = tl.load(v2_ptrs, mask=mask_n[:, None] & mask_d2[None, :], other=0.0)
+            d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            v2 = tl.load(v_row + d2[None, :], mask=key_ok[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0)
             acc2 += tl.dot(a, v2.to(DOT_DTYPE), input_precision=PRECISION) * f[:, None]
-            v2_ptrs += BLOCK_N * stride_vn
         a_ptrs += A_STEP
-        v_ptrs += BLOCK_N * stride_vn
-        x_ptrs += stride_xn
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, (acc * OUT_SCALE).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        v_row += BLOCK_N * _rows(sv_n, V_ITEM)
+    o_row = O + b * _rows(so_b, O_ITEM) + h * HEAD_DIM + offs_m[:, None] * _rows(so_m, O_ITEM)
+    tl.store(o_row + offs_d[None, :], (acc * OUT_SCALE).to(O.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])
     if BLOCK_D2 > 0:
-        o2_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d2[None, :]
-        tl.store(o2_ptrs, (acc2 * OUT_SCALE).to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d2[None, :])
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        tl.store(o_row + d2[None, :], (acc2 * OUT_SCALE).to(O.dtype.element_ty),
+                 mask=mask_m[:, None] & (d2 < HEAD_DIM)[None, :])
 
 
 @triton.jit
 def capture_kernel(
     Q, K, V, O, A, BMAX, LSE,
-    stride_qb, stride_qm, stride_qh,  # Q as [B, Nq, H, D]
-    stride_kb, stride_kn, stride_kh,  # K as [B, Nk, H, D]
-    stride_vb, stride_vn, stride_vh,  # V as [B, Nk, H, D]
-    stride_ob, stride_om, stride_oh,  # O as [B, Nq, H, D]
-    stride_ab, stride_ah, stride_am,  # map data [B, H, Nq, Nk]
-    stride_xb, stride_xh, stride_xn,  # block maxima [B, H, NB, Nq]
-    stride_lb, stride_lh,  # row log-sum-exp [B, H, Nq]
+    sq_b, sq_m,  # Q [B, Nq, H·D], in 16-byte units
+    sk_b, sk_n,  # K [B, Nk, H·D], in 16-byte units
+    sv_b, sv_n,  # V [B, Nk, H·D], in 16-byte units
+    so_b, so_m,  # O [B, Nq, H·D], in 16-byte units
+    sa_b, sa_h, sa_m,  # map data [B, H, Nq, items], in 16-byte units
+    sx_b, sx_h,  # block maxima [B, H, NB, Nq]
+    sl_b, sl_h,  # row log-sum-exp [B, H, Nq]
     qk_scale,  # softmax scale · log2(e)
-    H, NQ, NK, D,
-    FP8_BYTES: tl.constexpr, FP4_PACKED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, NQ, NK, ROW_ITEMS,
+    HEAD_DIM: tl.constexpr, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr,
+    STORED_SUMS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """One pass over K: per key block, p = exp2(s − m_blk) is stored (relative to the block's own maximum)
-    with m_blk, and enters the online softmax of the output rescaled by exp2(m_blk − m_running)."""
-    b, h, offs_m, offs_n, offs_d, mask_m, mask_d = _program_tile(H, NQ, D, BLOCK_M, BLOCK_N, BLOCK_D)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(DOT_DTYPE)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_d[:, None] + offs_n[None, :].to(tl.int64) * stride_kn
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_d[None, :] + offs_n[:, None].to(tl.int64) * stride_vn
-    A_STEP: tl.constexpr = BLOCK_N // 2 if FP4_PACKED else BLOCK_N  # map bytes per row per key block
-    a_ptrs = A + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_am + tl.arange(0, A_STEP)[None, :]
-    x_ptrs = BMAX + b * stride_xb + h * stride_xh + offs_m
+    with m_blk, and enters the online softmax of the output rescaled by exp2(m_blk − m_running). The last
+    block writes the row's padding (keys past Nk) as zeros. ``BLOCK_D2 > 0`` splits the head dim as
+    ``cached_pv`` does (two dots for Q·Kᵀ and for P·V; the accumulators then fit in registers at d = 160)."""
+    Q_ITEM: tl.constexpr = Q.dtype.element_ty.primitive_bitwidth // 8
+    K_ITEM: tl.constexpr = K.dtype.element_ty.primitive_bitwidth // 8
+    V_ITEM: tl.constexpr = V.dtype.element_ty.primitive_bitwidth // 8
+    O_ITEM: tl.constexpr = O.dtype.element_ty.primitive_bitwidth // 8
+    A_ITEM: tl.constexpr = A.dtype.element_ty.primitive_bitwidth // 8
+    A_STEP: tl.constexpr = BLOCK_N // 2 if MAP_FORMAT == MAP_E2M2 else BLOCK_N
+    pid_bh = tl.program_id(1)
+    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = (offs_m < NQ) | EVEN_M  # EVEN_*: no partial tiles, the masks fold away
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, A_STEP)
+    d1 = tl.arange(0, BLOCK_D)
+    q_row = Q + b * _rows(sq_b, Q_ITEM) + h * HEAD_DIM + offs_m[:, None] * _rows(sq_m, Q_ITEM)
+    k_col = K + b * _rows(sk_b, K_ITEM) + h * HEAD_DIM + offs_n[None, :].to(tl.int64) * _rows(sk_n, K_ITEM)
+    v_row = V + b * _rows(sv_b, V_ITEM) + h * HEAD_DIM + offs_n[:, None].to(tl.int64) * _rows(sv_n, V_ITEM)
+    q1 = tl.load(q_row + d1[None, :], mask=mask_m[:, None] & (d1 < HEAD_DIM)[None, :], other=0.0).to(DOT_DTYPE)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = tl.load(q_row + d2[None, :], mask=mask_m[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0).to(DOT_DTYPE)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_D2), dtype=tl.float32)
+    a_ptrs = A + b * _rows(sa_b, A_ITEM) + h * _rows(sa_h, A_ITEM) + offs_m[:, None] * _rows(sa_m, A_ITEM) + offs_i[None, :]
+    x_ptrs = BMAX + b * sx_b + h * sx_h + offs_m
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    l_stored = tl.zeros((BLOCK_M,), dtype=tl.float32)  # fp4: sum of the stored values (row-sum correction)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_stored = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of the stored values (formats with STORED_SUMS)
     for start in range(0, NK, BLOCK_N):
-        mask_n = (start + offs_n) < NK
-        kt = tl.load(k_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)  # K transposed: [D, N]
-        s = tl.dot(q, kt.to(DOT_DTYPE), input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        key_ok = ((start + offs_n) < NK) | EVEN_N
+        kt = tl.load(k_col + d1[:, None], mask=(d1 < HEAD_DIM)[:, None] & key_ok[None, :], other=0.0)  # Kᵀ
+        s = tl.dot(q1, kt.to(DOT_DTYPE), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            kt2 = tl.load(k_col + d2[:, None], mask=(d2 < HEAD_DIM)[:, None] & key_ok[None, :], other=0.0)
+            s = tl.dot(q2, kt2.to(DOT_DTYPE), s, input_precision=PRECISION)
+        s = s * qk_scale
+        if not EVEN_N:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
         m_blk = tl.max(s, 1)  # finite: every block has at least one key
-        p = tl.math.exp2(s - m_blk[:, None])  # in [0, 1], the block's maximum is 1
-        if FP8_BYTES:
-            tl.store(a_ptrs, _fp16_to_fp8_bytes(p * 448.0), mask=mask_m[:, None] & mask_n[None, :])
-        elif FP4_PACKED:  # s is -inf past NK: the padding of the last block stores code 15 (zero)
-            codes = _log3_codes(s, m_blk)
-            tl.store(a_ptrs, _pack_fp4(codes, BLOCK_M, BLOCK_N), mask=mask_m[:, None])
-        else:
-            tl.store(a_ptrs, p.to(A.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        p = tl.math.exp2(s - m_blk[:, None])  # in [0, 1], the block's maximum is 1; 0 past NK
+        items, stored = _encode(p, MAP_FORMAT, FRAGMENT, FP8_CVT, BLOCK_M, BLOCK_N)
+        item_ok = (start // (BLOCK_N // A_STEP) + offs_i < ROW_ITEMS) | EVEN_N
+        tl.store(a_ptrs, items.to(A.dtype.element_ty), mask=mask_m[:, None] & item_ok[None, :])
         tl.store(x_ptrs, m_blk, mask=mask_m)
         m_new = tl.maximum(m_i, m_blk)
         alpha = tl.math.exp2(m_i - m_new)
         beta = tl.math.exp2(m_blk - m_new)
         l_i = l_i * alpha + tl.sum(p, 1) * beta
-        if FP4_PACKED:
-            l_stored = l_stored * alpha + tl.sum(_log3_to_fp16(codes).to(tl.float32), 1) * beta
-        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot((p * beta[:, None]).to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None],
-                     input_precision=PRECISION)
+        if STORED_SUMS:
+            l_stored = l_stored * alpha + tl.sum(stored, 1) * beta
+        pb = (p * beta[:, None]).to(DOT_DTYPE)
+        v = tl.load(v_row + d1[None, :], mask=key_ok[:, None] & (d1 < HEAD_DIM)[None, :], other=0.0)
+        acc1 = tl.dot(pb, v.to(DOT_DTYPE), acc1 * alpha[:, None], input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            v2 = tl.load(v_row + d2[None, :], mask=key_ok[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0)
+            acc2 = tl.dot(pb, v2.to(DOT_DTYPE), acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        k_col += BLOCK_N * _rows(sk_n, K_ITEM)
+        v_row += BLOCK_N * _rows(sv_n, V_ITEM)
         a_ptrs += A_STEP
-        x_ptrs += stride_xn
-    lse = m_i + tl.math.log2(l_stored if FP4_PACKED else l_i)  # fp4: stored rows sum to one
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=mask_m)
-    acc = acc / l_i[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        x_ptrs += NQ
+    lse = m_i + tl.math.log2(l_stored * _stored_scale(MAP_FORMAT) if STORED_SUMS else l_i)
+    tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=mask_m)
+    o_row = O + b * _rows(so_b, O_ITEM) + h * HEAD_DIM + offs_m[:, None] * _rows(so_m, O_ITEM)
+    tl.store(o_row + d1[None, :], (acc1 / l_i[:, None]).to(O.dtype.element_ty),
+             mask=mask_m[:, None] & (d1 < HEAD_DIM)[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(o_row + d2[None, :], (acc2 / l_i[:, None]).to(O.dtype.element_ty),
+                 mask=mask_m[:, None] & (d2 < HEAD_DIM)[None, :])

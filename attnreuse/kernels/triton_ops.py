@@ -1,8 +1,8 @@
 """The Triton kernels as ``torch.library`` custom ops (so ``torch.compile`` and CUDA graphs see them), and their
 launches. Inputs are checked once, in :mod:`.ops`; here they are only laid out for the kernels: ``[B, N, H·D]``
-seen as ``[B, N, H, D]`` through strides, head dims masked up to a power of two. fp8 and fp4 maps cross the
-op boundary as uint8 bytes (``CachedMap.data.view(torch.uint8)``) with their ``map_dtype``: PyTorch's CPU
-kernels, which the op checks run, know no arithmetic on them.
+rows whose strides are whole 16-byte units (anything else is first copied into such a buffer), the map format
+as its registry name. fp8 and 4-bit maps cross the op boundary as uint8 bytes: PyTorch's CPU kernels, which
+the op checks run, know no arithmetic on their dtypes.
 """
 from __future__ import annotations
 
@@ -12,118 +12,155 @@ import torch
 import triton
 import triton.language as tl
 
+from . import formats
 from . import triton_kernels as tk
-from .storage import FP4, FP8, data_shape, num_blocks, top
-from .tuning import Config, block_d, cached_pv_config, capture_config, split_block_d
+from .storage import KEY_BLOCK, data_shape, num_blocks
+from .tuning import INTERPRET, Config, block_d, cached_pv_config, capture_config, split_block_d
 
-_BYTES = (FP8, FP4)  # stored as raw bytes
+ALIGN = 16  # bytes
+
+
+def target_arch() -> int:
+    """The compute capability Triton compiles for (``90`` for sm_90a): the config rule and decodes depend on it."""
+    if INTERPRET:
+        return 90
+    from triton.runtime import driver
+    return driver.active.get_current_target().arch
+
+
+def _units(stride: int, item: int) -> int:
+    """A stride in 16-byte units (the kernels multiply back, so the compiler sees a multiple of 16 bytes)."""
+    assert stride * item % ALIGN == 0, "caller guarantees 16-byte strides"
+    return stride * item // ALIGN
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, N, W]`` itself if its rows are 16-byte aligned with a unit stride along W, else a copy in a
+    buffer whose rows are padded to 16 bytes (the kernels read whole 16-byte vectors)."""
+    item = x.element_size()
+    if (x.stride(-1) == 1 and x.data_ptr() % ALIGN == 0 and all(s * item % ALIGN == 0 for s in x.stride()[:2])):
+        return x
+    out = empty_rows(*x.shape, dtype=x.dtype, device=x.device)
+    return out.copy_(x)
+
+
+def empty_rows(b: int, n: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``[B, N, W]`` tensor whose rows start 16-byte aligned (padded when ``W`` needs it)."""
+    per = ALIGN // torch.empty((), dtype=dtype).element_size()
+    padded = -(-w // per) * per
+    buf = torch.empty(b, n, padded, dtype=dtype, device=device)
+    return buf if padded == w else buf[..., :w]
 
 
 def _dot_dtype(*dtypes: torch.dtype):
-    """Matmul inputs: fp32 if anything is fp32, else bf16 if the values are bf16, else fp16."""
-    if torch.float32 in dtypes:
-        return tl.float32, "ieee"
+    """Matmul inputs: bf16 if the values or the map are bf16, else fp16."""
     return (tl.bfloat16 if torch.bfloat16 in dtypes else tl.float16), "tf32"
 
 
-def _heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, N, H·D]`` -> ``[B, N, H, D]`` with a unit stride along D."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x.unflatten(-1, (heads, x.shape[-1] // heads))
+def _decode_args(fmt: formats.MapFormat, arch: int, kv_tokens: int) -> tuple[dict, float]:
+    """The kernels' format constants and output scale. Hardware e4m3 conversions from sm_89 on; the
+    interpreter takes the integer path (its fp32 -> e4m3 rounding drops the carry into the exponent)."""
+    fp8_cvt = arch >= 89 and not INTERPRET
+    decoded = {formats.KERNEL_FP8: 1.0 if fp8_cvt else 2.0 ** 8, formats.KERNEL_E2M2: 2.0 ** 14}.get(fmt.kernel, 1.0)
+    return (dict(MAP_FORMAT=fmt.kernel, FRAGMENT=fmt.in_fragment_order(kv_tokens), FP8_CVT=fp8_cvt, ASM=not INTERPRET),
+            decoded / fmt.top)
 
 
-def _as_bytes(data: torch.Tensor, map_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.dtype]:
-    """``(data as the kernels read it, the map dtype)``: fp8/fp4 maps as uint8 (then ``map_dtype`` says which)."""
-    if data.dtype in _BYTES:
-        return data.view(torch.uint8), data.dtype
-    if data.dtype == torch.uint8 and map_dtype not in _BYTES:
-        raise ValueError(f"uint8 map data needs map_dtype FP8 or FP4, got {map_dtype}")
-    return data, map_dtype or data.dtype
-
-
-def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, map_dtype: torch.dtype | None = None,
-                     config: Config | None = None) -> None:
-    """``out`` ``[B, Nq, H·D]`` = the map (``data``, ``block_max``, ``row_lse``) times ``v`` ``[B, Nk, H·D]``.
-    ``data``: fp32/fp16/bf16, FP8 or FP4, or the uint8 bytes of the last two with their ``map_dtype``."""
-    data, map_dtype = _as_bytes(data, map_dtype)
-    b, h, nq, _ = data.shape
+def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: Config | None = None) -> None:
+    """``out`` ``[B, Nq, H·D]`` = the map (``data``, ``block_max``, ``row_lse``) in format ``fmt`` times ``v``
+    ``[B, Nk, H·D]``. ``data``: in the format's dtype, or its uint8 bytes."""
+    fmt = formats.get(fmt)
+    data = data.view(_data_dtype(fmt))  # 8- and 4-bit maps reach the kernels as bytes
+    b, h, nq, items = data.shape
     nk = v.shape[1]
-    v4 = _heads_view(v, heads)
-    d = v4.shape[-1]
-    o4 = out.view(b, nq, h, d)
-    config = config or cached_pv_config(d, nq, map_dtype)
-    shift = 2.0 ** 8 if map_dtype == FP8 and not config.native_fp8 else 1.0  # see tk's docstring
-    dot_dtype, precision = _dot_dtype(v.dtype, torch.float16 if map_dtype in _BYTES else map_dtype)
+    d = v.shape[2] // heads
+    v = aligned_rows(v)
+    arch = target_arch()
+    config = config or cached_pv_config(d, nq, nk, fmt, arch)
+    flags, out_scale = _decode_args(fmt, arch, nk)
+    a_item, v_item, o_item = data.element_size(), v.element_size(), out.element_size()
+    dot_dtype, precision = _dot_dtype(v.dtype, fmt.dtype)
     split = split_block_d(d) if config.split_d else (block_d(d), 0)
     tk.cached_pv_kernel[(triton.cdiv(nq, config.block_m), b * h)](
-        data, block_max, row_lse, v4, o4,
-        data.stride(0), data.stride(1), data.stride(2), block_max.stride(0), block_max.stride(1), block_max.stride(2),
-        row_lse.stride(0), row_lse.stride(1),
-        v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
-        h, nq, nk, d,
-        OUT_SCALE=shift / top(map_dtype), FP8_BYTES=map_dtype == FP8, NATIVE_FP8=config.native_fp8,
-        FP4_PACKED=map_dtype == FP4, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        **dict(zip(("BLOCK_D", "BLOCK_D2"), split)), **config.launch_args())
+        data, block_max, row_lse, v, out,
+        _units(data.stride(0), a_item), _units(data.stride(1), a_item), _units(data.stride(2), a_item),
+        block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
+        _units(v.stride(0), v_item), _units(v.stride(1), v_item), _units(out.stride(0), o_item),
+        _units(out.stride(1), o_item), h, nq, nk, items,
+        HEAD_DIM=d, OUT_SCALE=out_scale, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
+        BLOCK_D=split[0], BLOCK_D2=split[1], **flags, **config.launch_args())
 
 
-def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: float,
-                   map_dtype: torch.dtype | None = None, config: Config | None = None) -> None:
-    """Attention of ``q``, ``k``, ``v`` into ``out``, its map into ``data`` (as for :func:`launch_cached_pv`),
-    ``block_max``, ``row_lse``."""
-    q4, k4, v4 = (_heads_view(x, heads) for x in (q, k, v))
-    b, nq, h, d = q4.shape
-    nk = k4.shape[1]
-    o4 = out.view(b, nq, h, d)
-    data, map_dtype = _as_bytes(data, map_dtype)
-    config = config or capture_config(d, nq, map_dtype)
+def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: float, fmt,
+                   config: Config | None = None) -> None:
+    """Attention of ``q``, ``k``, ``v`` into ``out``, its map in format ``fmt`` into ``data`` (as for
+    :func:`launch_cached_pv`), ``block_max``, ``row_lse``."""
+    fmt = formats.get(fmt)
+    data = data.view(_data_dtype(fmt))
+    q, k, v = (aligned_rows(x) for x in (q, k, v))
+    b, nq, hd = q.shape
+    d = hd // heads
+    nk = k.shape[1]
+    arch = target_arch()
+    config = config or capture_config(d, nq, nk, fmt, arch)
+    flags, _ = _decode_args(fmt, arch, nk)
+    del flags["ASM"]  # capture only encodes
     dot_dtype, precision = _dot_dtype(q.dtype, k.dtype, v.dtype)
-    tk.capture_kernel[(triton.cdiv(nq, config.block_m), b * h)](
-        q4, k4, v4, o4, data, block_max, row_lse,
-        q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
-        v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
-        data.stride(0), data.stride(1), data.stride(2), block_max.stride(0), block_max.stride(1), block_max.stride(2),
-        row_lse.stride(0), row_lse.stride(1),
-        scale * math.log2(math.e), h, nq, nk, d,
-        FP8_BYTES=map_dtype == FP8, FP4_PACKED=map_dtype == FP4, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        BLOCK_D=block_d(d), **config.launch_args())
+    a_item = data.element_size()
+    tk.capture_kernel[(triton.cdiv(nq, config.block_m), b * heads)](
+        q, k, v, out, data, block_max, row_lse,
+        *(_units(x.stride(i), x.element_size()) for x in (q, k, v, out) for i in (0, 1)),
+        _units(data.stride(0), a_item), _units(data.stride(1), a_item), _units(data.stride(2), a_item),
+        block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
+        scale * math.log2(math.e), heads, nq, nk, data.shape[-1],
+        HEAD_DIM=d, STORED_SUMS=fmt.stored_sums, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
+        **dict(zip(("BLOCK_D", "BLOCK_D2"), split_block_d(d) if config.split_d else (block_d(d), 0))),
+        **flags, **config.launch_args())
+
+
+def _data_dtype(fmt: formats.MapFormat) -> torch.dtype:
+    return torch.uint8 if fmt.bits <= 8 else fmt.dtype
 
 
 @torch.library.custom_op("attnreuse::cached_pv", mutates_args=())
 def cached_pv_op(data: torch.Tensor, block_max: torch.Tensor, row_lse: torch.Tensor, v: torch.Tensor,
-                 heads: int, map_dtype: torch.dtype) -> torch.Tensor:
-    """A cached map (the three tensors of :class:`.CachedMap`, fp8/fp4 data as uint8) times ``v``
-    ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]``."""
-    out = v.new_empty(v.shape[0], data.shape[2], v.shape[2])
-    launch_cached_pv(out, data, block_max, row_lse, v, heads, map_dtype)
+                 heads: int, map_format: str) -> torch.Tensor:
+    """A cached map (the three tensors of :class:`.CachedMap`, fp8/4-bit data as uint8) in format
+    ``map_format`` times ``v`` ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]``."""
+    out = empty_rows(v.shape[0], data.shape[2], v.shape[2], v.dtype, v.device)
+    launch_cached_pv(out, data, block_max, row_lse, v, heads, map_format)
     return out
 
 
 @cached_pv_op.register_fake
-def _(data, block_max, row_lse, v, heads, map_dtype):
-    return v.new_empty(v.shape[0], data.shape[2], v.shape[2])
+def _(data, block_max, row_lse, v, heads, map_format):
+    return empty_rows(v.shape[0], data.shape[2], v.shape[2], v.dtype, v.device)
 
 
-def capture_buffers(q, k, v, heads: int, map_dtype: torch.dtype):
-    """Uninitialised ``(out, data, block_max, row_lse)`` for a capture (fp8/fp4 data as uint8)."""
-    b, nq, hd = q.shape
+def capture_buffers(q, k, v, heads: int, fmt):
+    """Uninitialised ``(out, data, block_max, row_lse)`` for a capture (fp8/4-bit data as uint8)."""
+    fmt = formats.get(fmt)
+    b, nq, _ = q.shape
     nk = k.shape[1]
-    data_dtype = torch.uint8 if map_dtype in _BYTES else map_dtype
-    return (v.new_empty(b, nq, v.shape[2]), q.new_empty(data_shape(b, heads, nq, nk, map_dtype), dtype=data_dtype),
+    return (empty_rows(b, nq, v.shape[2], v.dtype, v.device),
+            q.new_empty(data_shape(b, heads, nq, nk, fmt), dtype=_data_dtype(fmt)),
             q.new_empty(b, heads, num_blocks(nk), nq, dtype=torch.float32),
             q.new_empty(b, heads, nq, dtype=torch.float32))
 
 
 @torch.library.custom_op("attnreuse::capture", mutates_args=())
 def capture_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-               map_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(out [B, Nq, H·D], data [B, H, Nq, Nk] (fp8/fp4 as uint8, see :mod:`.storage`),
+               map_format: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(out [B, Nq, H·D], data [B, H, Nq, items] (fp8/4-bit as uint8, see :mod:`.storage`),
     block_max [B, H, NB, Nq], row_lse [B, H, Nq])``."""
-    bufs = capture_buffers(q, k, v, heads, map_dtype)
-    launch_capture(*bufs, q, k, v, heads, scale, map_dtype)
+    bufs = capture_buffers(q, k, v, heads, map_format)
+    launch_capture(*bufs, q, k, v, heads, scale, map_format)
     return bufs
 
 
 @capture_op.register_fake
-def _(q, k, v, heads, scale, map_dtype):
-    return capture_buffers(q, k, v, heads, map_dtype)
+def _(q, k, v, heads, scale, map_format):
+    return capture_buffers(q, k, v, heads, map_format)
+
