@@ -141,7 +141,7 @@ def run_case(arch, px, args, device, dtype, bw) -> dict:
     r["default"] = b.time_call()
     r["none"] = b.with_processor(SkipAttention())
     r["materialised"] = b.with_processor(AttnProcessor())
-    for dt in ("fp16", "fp8"):
+    for dt in ("fp16", "fp8", "fp4"):
         r[f"reuse_{dt}"], r[f"capture_{dt}"], r[f"cache_bytes_{dt}"] = b.reuse_and_capture(dt)
         torch.cuda.empty_cache() if device.type == "cuda" else None
     mode = "graph" if b.graphs else "eager"
@@ -186,6 +186,8 @@ def main(argv=None):
         r = run_case(arch, px, args, device, dtype, bw)
         results["cases"].append(r)
         print(json.dumps(r), flush=True)
+        if args.json:  # as it goes: a timeout keeps the cases that finished
+            Path(args.json).write_text(json.dumps(results, indent=1))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.json:

@@ -525,7 +525,7 @@ def main(argv=None):
     if args.tiny:
         args.steps, args.reuse, args.schedulers, args.pairs = 6, [2], ["ddim"], 3
         args.keys, args.rows, args.map_pairs, args.map_steps = [1024], 4, 2, (2,)
-        args.e2e_codes = ["fp32", "fp16", "fp8 row", "e2m1 b128", "log⅓ b128 Σ"]
+        args.e2e_codes = ["fp32", "fp16", "fp8 row", "e2m1 b128", "ue2m2 b128 Σ"]
     unknown = sorted(set(args.e2e_codes) - set(CODES) - {"fp32"})
     if unknown:
         raise SystemExit(f"unknown codes {unknown}: pick from {['fp32', *CODES]}")

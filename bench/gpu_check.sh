@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# One GPU session, start to finish, in at most 6 minutes on a fresh machine (compilation included):
-# the cold start (kernels of a patched SD1.5 512² UNet with fp8 maps compiled from an empty Triton cache), GPU
-# tests, the kernel table (all shapes + the SD1.5 512² whole-generation line), the SD1.5 512² and SDXL 1024²
-# end-to-end rows; the kernel and e2e tables last, then the card's name.
+# One GPU session, start to finish, in at most 6 minutes on a fresh machine (compilation included). Every stage
+# runs under its own timeout and writes its results to $OUT as it goes: a stage that fails or times out keeps
+# what it finished and never stops the stages after it. The tables come last, then the card's name.
 #
-# The device machine lacks diffusers and sageattention: on this side run ../shared/device/wheels.sh once from
-# the project root (it fills .whl/), then begin the device command with the line it prints, e.g.
+#   1. cold start: the kernels of a patched SD1.5 512² UNet with fp8 maps, compiled from an empty Triton cache
+#   2. GPU tests of the patched UNet: Triton path vs PyTorch path, all-compute bit-identical, torch.compile,
+#      CUDA graphs (tests/test_gpu.py, tests/test_compile_gpu.py)
+#   3. the landed kernels' table, if a checkout of them is in .baseline/ (bash bench/baseline.sh REV makes it;
+#      carry .baseline along), on the same card in the same run
+#   4. this tree's kernel table (fp16, fp8, 4-bit maps; SD1.5 512² generation line)
+#   5. end to end: SD1.5 512² and SDXL 1024² UNet calls and 20-step loops (ρ = reuse step / full step)
+#   6. the per-kernel tests (tests/test_kernels.py on the GPU)
+#   meanwhile on the CPU: the SASS report for this GPU's architecture, then the model against the timings
+#
+# The device machine lacks diffusers and sageattention: on this side run ../shared/device/wheels.sh once from the
+# project root (it fills .whl/), then begin the device command with the line it prints, e.g.
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
 #     export PYTHONPATH=/tmp/site:$PWD || exit 1; bash bench/gpu_check.sh
-# (carry .whl along). Files land in $OUT (./out without it).
+# (carry .whl, and .baseline if made). Files land in $OUT (./out/gpu without it).
 #
-#   bash bench/gpu_check.sh          the check (cold start 40 s + tests 90 s + kernels 130 s + e2e 100 s at most)
-#   bash bench/gpu_check.sh sweep    config variants on the issue's three shapes, then ncu on fp8 cached_pv
+#   bash bench/gpu_check.sh          the check
+#   bash bench/gpu_check.sh sweep    config variants on three shapes, then ncu on fp8 cached_pv
 set -uo pipefail
-out=${OUT:-out}
+out=${OUT:-out/gpu}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$(mktemp -d)}  # empty: the cold start is measured, not assumed
 card() { nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader; }
 card > "$out/gpu.txt"
+t_start=$SECONDS
 
 if [ "${1:-check}" = sweep ]; then
     timeout 300 python bench/kernel_table.py --sweep --shapes sd15_64x64_self sdxl_64x64_self sd15_1024px_self \
@@ -33,22 +43,42 @@ if [ "${1:-check}" = sweep ]; then
     exit 0
 fi
 
-t0=$SECONDS
-timeout 40 python -m attnreuse warmup --model sd15 --resolution 512 --cache-dtype fp8 > "$out/cold_start.txt" 2>&1
-echo "cold start: exit $? in $((SECONDS - t0)) s" >> "$out/cold_start.txt"
-t1=$SECONDS
-timeout 90 python -m pytest -q -x tests/test_kernels.py tests/test_gpu.py > "$out/tests.txt" 2>&1
-echo "tests: exit $? in $((SECONDS - t1)) s" | tee -a "$out/tests.txt"
-t2=$SECONDS
-timeout 130 python bench/kernel_table.py --json "$out/kernels.json" > "$out/kernels.txt" 2>&1
-echo "kernel table: exit $? in $((SECONDS - t2)) s" >> "$out/kernels.txt"
-t3=$SECONDS
-timeout 100 python bench/e2e.py --json "$out/e2e.json" --cases sd15:512 sdxl:1024 > "$out/e2e.txt" 2>&1
-echo "e2e: exit $? in $((SECONDS - t3)) s" >> "$out/e2e.txt"
+stage() {  # stage NAME SECONDS COMMAND...: run under a timeout, log to $out/NAME.txt, record the exit and time
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    local rc=$?
+    echo "$name: exit $rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/stages.txt"
+}
 
+arch=$(python -c "import torch; print({(9, 0): 'sm_90a', (8, 9): 'sm_89', (8, 0): 'sm_80'}.get(
+    torch.cuda.get_device_capability(), 'sm_90a'))")
+(TRITON_CACHE_DIR=$(mktemp -d) timeout 300 python bench/sass_report.py --arch "$arch" --jobs 8 \
+    --json "$out/sass.json" > "$out/sass.txt" 2>&1; echo "sass report ($arch, CPU): exit $?" >> "$out/stages.txt") &
+sass_pid=$!
+
+stage cold_start 45 python -m attnreuse warmup --model sd15 --resolution 512 --cache-dtype fp8
+stage tests_unet 75 python -m pytest -q -rA tests/test_gpu.py tests/test_compile_gpu.py
+if [ -d .baseline ]; then
+    stage kernels_landed 50 env PYTHONPATH=".baseline:${PYTHONPATH:-}" python .baseline/bench/kernel_table.py \
+        --shapes sd15_64x64_self sdxl_64x64_self --no-generation --json "$out/kernels_landed.json"
+fi
+stage kernels 75 python bench/kernel_table.py --fp4 --json "$out/kernels.json"
+stage e2e 75 python bench/e2e.py --json "$out/e2e.json" --cases sd15:512 sdxl:1024 --reps 10
+stage tests_kernels 40 python -m pytest -q -x tests/test_kernels.py
+wait "$sass_pid"
+[ -f "$out/sass.json" ] && [ -f "$out/kernels.json" ] && \
+    python bench/model_check.py "$out/kernels.json" "$out/sass.json" --arch "$arch" --json "$out/model_check.json" \
+        > "$out/model_check.txt" 2>&1
+
+echo; cat "$out/stages.txt"
 tail -n 2 "$out/cold_start.txt"
-tail -n 3 "$out/tests.txt"
+grep -E "passed|failed|error" "$out/tests_unet.txt" | tail -n 2
+grep -E "passed|failed|error" "$out/tests_kernels.txt" | tail -n 2
+[ -f "$out/kernels_landed.txt" ] && { echo; echo "landed kernels:"; grep -v '^{' "$out/kernels_landed.txt" \
+    | grep -v '^sd[0-9a-z_]* {' | tail -n 8; }
 echo; grep -v '^{' "$out/kernels.txt" | grep -v '^sd[0-9a-z_]* {' | tail -n 22
-echo; tail -n 14 "$out/e2e.txt"
-echo "total $((SECONDS - t0)) s"
+echo; tail -n 6 "$out/e2e.txt"
+echo; tail -n 14 "$out/model_check.txt" 2>/dev/null
+echo "total $((SECONDS - t_start)) s"
 card

@@ -239,7 +239,10 @@ def main(argv=None):
         return None
     card = torch.cuda.get_device_name()
     bw = copy_bandwidth()
-    res = {"card": card, "copy_TBps": bw / 1e12, "torch": torch.__version__, "shapes": {}}
+    props = torch.cuda.get_device_properties(0)
+    clock = getattr(props, "clock_rate", 0)  # kHz, where this torch reports it
+    res = {"card": card, "copy_TBps": bw / 1e12, "torch": torch.__version__, "sm_count": props.multi_processor_count,
+           "sm_clock_ghz": clock / 1e6 if clock else None, "shapes": {}}
     if args.sweep:
         res["sweep"] = {name: sweep(name, SHAPES[name], bw) for name in args.shapes}
     else:
@@ -247,6 +250,8 @@ def main(argv=None):
         for name in args.shapes:
             r = measured[SHAPES[name]] = res["shapes"][name] = measure(SHAPES[name], bw)
             print(name, json.dumps(r), flush=True)
+            if args.json:  # as it goes: a timeout keeps what finished
+                Path(args.json).write_text(json.dumps(res, indent=1))
         if not args.no_generation:
             res["generation"] = generation(bw, measured)
             res["layers"] = {"x".join(map(str, s)): r for s, r in measured.items()}

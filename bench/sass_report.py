@@ -197,6 +197,14 @@ def model(row: dict, card: Card) -> dict:
                 ns=time / card.clock_ghz, issue_over_memory=issue / memory if memory else None)
 
 
+def predict_ms(row: dict, card: Card) -> float:
+    """The kernel's time on ``card`` if every SM ran tiles at the modelled rate: tiles × time per tile / SMs."""
+    from attnreuse.kernels import KEY_BLOCK
+    b, h, nq, nk, _ = row["shape"]
+    tiles = b * h * -(-nq // row["block_m"]) * -(-nk // KEY_BLOCK)
+    return tiles * model(row, card)["time"] / card.sms / (card.clock_ghz * 1e9) * 1e3
+
+
 def annotate(rows: list[dict]) -> None:
     """Add per row: blocks per SM, the budget card's model, and (captures) the flash reference's."""
     flash = {(r["arch"], tuple(r["shape"])): r for r in rows if r["kernel"] == "flash"}

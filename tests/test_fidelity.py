@@ -119,7 +119,7 @@ def test_fidelity_script_tiny(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     md = (tmp_path / "fidelity.md").read_text()
-    for text in ("Kernel level", "embedded model's own maps", "End to end", "| log⅓ b128 Σ | 0.5322 |", "fp8 row"):
+    for text in ("Kernel level", "embedded model's own maps", "End to end", "| ue2m2 b128 Σ | 0.5322 |", "fp8 row"):
         assert text in md
     assert float(md.split("max abs diff ")[1].split()[0]) <= 1e-6  # the emulation is checked against attnreuse
     lines = (tmp_path / "fidelity.csv").read_text().splitlines()

@@ -90,3 +90,24 @@ def test_the_largest_layers_as_numbers(report):
         cap = rows[("sm_90a", "capture", fmt)]
         assert cap["spill_bytes"] == 0 and cap["capture_over_reference"] <= 1.3
         assert min(int(w) for w in cap["stores"]["map"]) >= 8
+
+
+def test_model_check_relates_gpu_timings_to_the_model(report):
+    """bench/model_check.py on a kernel table as a GPU run writes it: one row per kernel and map format timed, the
+    prediction from the card's measured bandwidth, measured / predicted."""
+    from bench.model_check import compare
+    from bench.sass_report import CARDS, predict_ms
+    shape = [2, 8, 4096, 4096, 40]
+    kernels = {"card": "NVIDIA H100 80GB HBM3", "copy_TBps": 3.0, "sm_count": 132, "sm_clock_ghz": None,
+               "shapes": {"sd15_64x64_self": {"shape": shape, "pv16_ms": 0.2, "pv8_ms": 0.1, "pv4_ms": 0.06,
+                                              "capture8_ms": 0.3}}}
+    rows = compare(kernels, report, "sm_90a")
+    assert {(r["kernel"], r["format"]) for r in rows} == {("cached_pv", "fp16"), ("cached_pv", "fp8"),
+                                                          ("cached_pv", "fp4"), ("capture", "fp8")}
+    pv8 = next(r for r in rows if r["kernel"] == "cached_pv" and r["format"] == "fp8")
+    sass = next(r for r in report["rows"] if r["arch"] == "sm_90a" and r["kernel"] == "cached_pv"
+                and r["format"] == "fp8" and r["shape"] == shape)
+    assert pv8["predicted_ms"] == pytest.approx(predict_ms(sass, CARDS["H100"]))
+    assert pv8["ratio"] == pytest.approx(0.1 / pv8["predicted_ms"])
+    # an fp8 map of this layer is 277 MB: at 3 TB/s at least 0.09 ms
+    assert 0.09 < pv8["predicted_ms"] < 0.2
