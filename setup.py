@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "diffusers>=0.30", "numpy", "safetensors", "pillow>=10.1"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn", "scikit-image", "matplotlib", "peft"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn", "scikit-image", "matplotlib", "peft", "DeepCache"],
         "bench": ["pytest-benchmark>=4", "scikit-image", "matplotlib"],
     },
 )

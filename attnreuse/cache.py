@@ -20,6 +20,7 @@ class MapCache:
         self.max_bytes = max_bytes
         self.maps: dict[tuple[str, int], CachedMap | torch.Tensor] = {}
         self.declined: set[tuple[str, int]] = set()  # maps the budget had no room for
+        self.fallbacks = 0  # reuse calls of a layer that had no map (it did not run when maps were captured)
         self.bytes = 0
         self.peak_bytes = 0
 
@@ -36,16 +37,13 @@ class MapCache:
         self.bytes += nbytes
 
     def lookup(self, layer: str, call: int) -> CachedMap | torch.Tensor | None:
-        """The entry of ``layer`` for UNet call ``call`` of the capture step; None if the budget declined it."""
-        key = (layer, call)
-        if key in self.maps:
-            return self.maps[key]
-        if key in self.declined:
-            return None
-        raise RuntimeError(
-            f"attnreuse: a reuse step runs, but layer {layer!r} has no map for UNet call {call + 1} of the "
-            "step that captured: a reuse step must call the UNet the same way (same calls, same layers) as "
-            "the capture step before it")
+        """The entry of ``layer`` for UNet call ``call`` of the capture step; None if there is none."""
+        return self.maps.get((layer, call))
+
+    def declined_entry(self, layer: str, call: int) -> bool:
+        """Whether the budget had no room for this entry (else a missing entry is a layer that did not run when
+        maps were captured, e.g. a block DeepCache skipped)."""
+        return (layer, call) in self.declined
 
     def clear(self) -> None:
         """Drop every entry (the peak is kept) and warn about the maps the budget refused."""

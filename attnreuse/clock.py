@@ -158,6 +158,8 @@ class Clock:
         self.schedule = schedule
         self.max_cache_bytes = max_cache_bytes
         self.peak_bytes = 0
+        self.fallbacks = 0  # over all ended generations: see MapCache.fallbacks
+        self.on_begin = None  # called before each generation starts (the patch checks its processors)
         self._local = _ThreadState()
         self._lock = threading.Lock()
 
@@ -169,6 +171,8 @@ class Clock:
         """Start a marked generation of ``num_steps`` steps on this thread (resolving the schedule now)."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r}: pass the number of sampling steps, an int >= 1")
+        if self.on_begin is not None:
+            self.on_begin()
         gen = Generation(self, self.schedule.resolve(num_steps))
         outer = self._local.generation
         if outer is not None and outer.guessed:
@@ -180,10 +184,13 @@ class Clock:
 
     def end(self, gen: Generation) -> None:
         """End ``gen`` (idempotent): its maps are dropped; an outer marked generation becomes current again."""
+        first = not gen.ended
         gen.kind, gen.ended = None, True
         gen.cache.clear()
         with self._lock:
             self.peak_bytes = max(self.peak_bytes, gen.cache.peak_bytes)
+            if first:
+                self.fallbacks += gen.cache.fallbacks
         if self._local.generation is gen:
             self._local.generation = gen.outer
             if gen.guessed:
@@ -255,6 +262,8 @@ class Clock:
                 f"attnreuse: the schedule {self.schedule!r} is length-free, but this UNet was called outside a "
                 "marked generation, so the number of steps is unknown: patch the pipeline (attnreuse.patch(pipe, "
                 "...)), or wrap your loop in `with handle.generation(num_steps) as gen:`")
+        if self.on_begin is not None:
+            self.on_begin()
         gen = Generation(self, self.schedule.entries, guessed=True)
         local.generation = gen
         self._remember(t, sample, shape)

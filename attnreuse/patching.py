@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -40,7 +41,7 @@ def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_
     pipes = [pipe] if pipe is not None else []
     if previous is not None:
         pipes += [p for p in previous._pipes if p is not pipe]  # they share this UNet: keep counting its steps
-        previous.remove()
+        previous._uninstall(warn=False)  # layers changed since (the documented fix: patch again) keep the change
     return ReuseHandle(unet, config, chosen, pipes)
 
 
@@ -68,9 +69,8 @@ def _find_layers(unet: torch.nn.Module, config: ReuseConfig, previous: "ReuseHan
     if not chosen:
         raise ValueError(f"layers={config.layers!r} selects none of the {len(found)} attention layers "
                          f"(names look like {next(iter(found))!r})")
-    originals = previous._originals if previous is not None else {}
     for name, m in chosen.items():
-        check_supported(name, m, originals.get(name, m.processor))
+        check_supported(name, m, previous._original(name, m) if previous is not None else m.processor)
     return chosen
 
 
@@ -109,8 +109,11 @@ class ReuseHandle:
         self._originals = {name: m.processor for name, m in layers.items()}
         self._fixed_policies = dict.fromkeys(layers, config.fixed_policy())
         kind = OutputReuseProcessor if config.target == "output" else MapReuseProcessor
+        self._modules = dict(layers)
+        self._installed = {name: kind(name, m.processor, self.clock, config.backend) for name, m in layers.items()}
         for name, m in layers.items():
-            m.set_processor(kind(name, m.processor, self.clock, config.backend))
+            m.set_processor(self._installed[name])
+        self.clock.on_begin = self.check_installed
         self._hooks = (unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
                        unet.register_forward_hook(self._after_unet_call))
         self._pipes: list = []
@@ -148,6 +151,14 @@ class ReuseHandle:
         gen = self.clock.current
         now = 0 if gen is None else max(gen.cache.peak_bytes, gen.cache.bytes)
         return max(self.clock.peak_bytes, now)
+
+    @property
+    def fallbacks(self) -> int:
+        """Layer calls of reuse steps that computed for want of a map since patching: the layer did not run when
+        the maps were captured (a block a feature cache such as DeepCache skipped). They capture instead, so
+        later reuse steps have a map."""
+        gen = self.clock.current
+        return self.clock.fallbacks + (0 if gen is None else gen.cache.fallbacks)
 
     @property
     def plan(self) -> list[LayerPlan] | None:
@@ -188,13 +199,42 @@ class ReuseHandle:
         """End this thread's generation now, dropping its maps."""
         self.clock.end_current()
 
+    def check_installed(self) -> None:
+        """Raise if something replaced this patch's processors (``enable_attention_slicing``,
+        ``fuse_qkv_projections``, ``load_ip_adapter``, any ``set_attn_processor``): reuse would stop silently.
+        Runs at the start of every generation, outside the UNet's forward."""
+        changed = [name for name, proc in self._installed.items() if self._modules[name].processor is not proc]
+        if changed:
+            found = self._modules[changed[0]].processor
+            raise RuntimeError(
+                f"attnreuse: the processors of {len(changed)} patched attention layer(s) were replaced after patching "
+                f"({changed[0]} now runs {type(found).__name__}), so they would no longer reuse maps: call "
+                "attnreuse.patch(...) again after changes like enable_attention_slicing(), fuse_qkv_projections() "
+                "or load_ip_adapter() (with IP-Adapters, layers='self'), or make the change before patching")
+
     def remove(self) -> None:
-        """Undo the patch exactly: original processors, no hook, the pipelines' own progress bars."""
+        """Undo the patch: original processors on every layer that still runs this patch's (a layer whose processor
+        was replaced since keeps the replacement, with a warning), no hook, the pipelines' own progress bars."""
+        self._uninstall(warn=True)
+
+    def _original(self, name: str, module: Attention):
+        """The processor layer ``name`` had before this patch, or what replaced this patch's there since."""
+        current = module.processor
+        return self._originals[name] if name in self._installed and current is self._installed[name] else current
+
+    def _uninstall(self, warn: bool) -> None:
         if getattr(self.unet, _HANDLE_ATTR, None) is not self:
             return
-        modules = dict(self.unet.named_modules())
+        kept = []
         for name, original in self._originals.items():
-            modules[name].set_processor(original)
+            if self._modules[name].processor is self._installed[name]:
+                self._modules[name].set_processor(original)
+            else:
+                kept.append(name)
+        if kept and warn:
+            warnings.warn(f"attnreuse: unpatch left {len(kept)} layer(s) alone whose processors were replaced after "
+                          f"patching ({kept[0]} runs {type(self._modules[kept[0]].processor).__name__}); the rest "
+                          "got their original processors back", stacklevel=3)
         for hook in self._hooks:
             hook.remove()
         for pipe in self._pipes:

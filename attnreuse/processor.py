@@ -11,41 +11,77 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from . import kernels
-from .clock import Clock, Generation
-from .config import LayerPolicy
+from .clock import Clock
 from .kernels.reference import merge_heads, split_heads
 from .schedule import Action
 
 # Processors whose computation this processor reproduces on capture and reuse steps.
 SUPPORTED_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+SUPPORTED = ("diffusers' AttnProcessor / AttnProcessor2_0 (UNet2DConditionModel, PixArt-style Transformer2DModel / "
+             "PixArtTransformer2DModel)")
 
 
 def check_supported(name: str, attn: torch.nn.Module, processor) -> None:
-    """Raise ``TypeError`` naming the fix if ``attn`` (running ``processor``) is a layer attnreuse cannot patch."""
-    fix = ("call unet.set_attn_processor(AttnProcessor2_0()) before patching, or leave the layer out "
-           "with layers=lambda name: ...")
+    """Raise ``TypeError`` if ``attn`` (running ``processor``) is a layer attnreuse cannot patch, naming the fix
+    that works for its cause."""
+    leave_out = "leave it out with layers=lambda name: ... (e.g. layers='self')"
     if not isinstance(attn, Attention):
         raise TypeError(f"{name}: {type(attn).__name__} is not a diffusers Attention layer")
-    if getattr(attn, "fused_projections", False) or attn.added_kv_proj_dim is not None:
-        raise TypeError(f"{name}: fused or added key/value projections are not supported; {fix}")
+    kind = type(processor).__name__
+    if "Fused" in kind:  # unfusing restores the processors; the fused weights stay unused beside the originals
+        raise TypeError(f"{name}: fused query/key/value projections ({kind}) are not supported; call "
+                        "pipe.unfuse_qkv_projections() (or unet.unfuse_qkv_projections()) before patching")
+    if attn.added_kv_proj_dim is not None:
+        raise TypeError(f"{name}: added key/value projections (DeepFloyd IF, Kandinsky) are not supported, with any "
+                        f"processor; {leave_out}")
+    if "IPAdapter" in kind:
+        raise TypeError(f"{name}: processor {kind} (an IP-Adapter) is not supported; patch with layers='self' "
+                        "(IP-Adapters act on cross-attention), or unload the adapter first (pipe.unload_ip_adapter())")
+    if "Joint" in kind or "Flux" in kind or "SD3" in kind:
+        raise TypeError(f"{name}: processor {kind} (joint text-image attention, as in SD3 and Flux) is not "
+                        f"supported: attnreuse patches attention layers running {SUPPORTED}")
     if not isinstance(processor, SUPPORTED_PROCESSORS):
-        raise TypeError(f"{name}: processor {type(processor).__name__} is not supported; {fix}")
+        raise TypeError(f"{name}: processor {kind} is not supported; call "
+                        f"unet.set_attn_processor(AttnProcessor2_0()) before patching, or {leave_out}")
 
 
 class _Patched:
+    def __new__(cls, *args, **kwargs):
+        # diffusers' loaders (load_ip_adapter, unload_ip_adapter) rebuild processors as type(proc)(): that gives
+        # the plain attention attnreuse wraps, and the patch's check at the next generation says what changed
+        if not args and not kwargs:
+            return AttnProcessor2_0()
+        return super().__new__(cls)
+
+    def __getnewargs__(self):  # pickle and deepcopy rebuild through __new__: not the call above
+        return (None,)
+
     def __init__(self, name: str, original, clock: Clock, backend: str):
         self.name = name
         self.original = original
         self.clock = clock
         self.backend = backend
 
-    def _kind(self) -> tuple[Generation | None, LayerPolicy | None, Action]:
-        """The current generation, this layer's policy in it and what the layer does in this call."""
+    def _kind(self):
+        """``(generation, this layer's policy, what the layer does in this call, the cached entry it reuses)``.
+
+        A reuse call finding no entry computes: without storing when the budget declined the entry, else (the
+        layer did not run when the maps were captured: a block a feature cache such as DeepCache skipped) as a
+        capture, so later reuse steps find one, counted in ``cache.fallbacks``."""
         gen = self.clock.current
         if gen is None:  # the layer runs outside a UNet call
-            return None, None, Action.COMPUTE
+            return None, None, Action.COMPUTE, None
         policy = gen.policies[self.name]
-        return gen, policy, gen.kind if policy.reuse else Action.COMPUTE
+        kind = gen.kind if policy.reuse else Action.COMPUTE
+        if kind is not Action.REUSE:
+            return gen, policy, kind, None
+        cached = gen.cache.lookup(self.name, gen.call)
+        if cached is not None:
+            return gen, policy, kind, cached
+        if gen.cache.declined_entry(self.name, gen.call):
+            return gen, policy, Action.COMPUTE, None
+        gen.cache.fallbacks += 1
+        return gen, policy, Action.CAPTURE, None
 
 
 class OutputReuseProcessor(_Patched):
@@ -53,15 +89,13 @@ class OutputReuseProcessor(_Patched):
     (T-GATE / PAB style), ignoring its current input."""
 
     def __call__(self, attn: Attention, hidden_states, *args, **kwargs):
-        gen, _, kind = self._kind()
+        gen, _, kind, cached = self._kind()
         if kind is Action.REUSE:
-            cached = gen.cache.lookup(self.name, gen.call)
-            if cached is not None:
-                if cached.shape != hidden_states.shape:
-                    raise RuntimeError(f"attnreuse: {self.name}: cached output {tuple(cached.shape)} does not fit "
-                                       f"input {tuple(hidden_states.shape)}: keep one batch size and resolution "
-                                       "within a generation")
-                return cached
+            if cached.shape != hidden_states.shape:
+                raise RuntimeError(f"attnreuse: {self.name}: cached output {tuple(cached.shape)} does not fit "
+                                   f"input {tuple(hidden_states.shape)}: keep one batch size and resolution "
+                                   "within a generation")
+            return cached
         out = self.original(attn, hidden_states, *args, **kwargs)
         if kind is Action.CAPTURE:
             gen.cache.store(self.name, gen.call, out)
@@ -77,9 +111,8 @@ class MapReuseProcessor(_Patched):
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        gen, policy, kind = self._kind()
-        cached = gen.cache.lookup(self.name, gen.call) if kind is Action.REUSE else None
-        if kind is Action.COMPUTE or (kind is Action.REUSE and cached is None):  # None: over the budget
+        gen, policy, kind, cached = self._kind()
+        if kind is Action.COMPUTE:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
         residual = hidden_states
