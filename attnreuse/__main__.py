@@ -1,5 +1,7 @@
 """``python -m attnreuse demo``: the embedded digits model with and without attention-map reuse.
-``python -m attnreuse warmup ...``: compile the Triton kernels ahead of a first generation (``attnreuse.warmup``)."""
+``python -m attnreuse warmup ...``: compile the Triton kernels ahead of a first generation (``attnreuse.warmup``).
+``python -m attnreuse search ...`` / ``bench ...``: PHAST and its measurement on your own checkpoint
+(``attnreuse.cli``)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +14,7 @@ import torch
 
 import attnreuse
 from attnreuse import measured, warmup
+from attnreuse.cli import bench, search
 from attnreuse.embedded import generate, load_default, searched_schedules
 from attnreuse.embedded.grid import save_grid
 from attnreuse.kernels import formats
@@ -136,10 +139,18 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["warmup"]:  # its own parser reads the rest, --help included
         return warmup.main(argv[1:])
+    if argv[:1] == ["search"]:
+        return search.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m attnreuse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,warmup}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,warmup,search,bench}")
     sub.add_parser("warmup", help="compile and cache the Triton kernels for a model before its first generation "
                                   "(python -m attnreuse warmup --help)")
+    sub.add_parser("search", help="search a PHAST schedule for your checkpoint, on one GPU or many with torchrun "
+                                  "(python -m attnreuse search --help)")
+    sub.add_parser("bench", help="time and judge a schedule on your checkpoint and device "
+                                 "(python -m attnreuse bench --help)")
     p = sub.add_parser("demo", help="sample the embedded model with the full sampler, HURRY, PHAST and fewer steps",
                        description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=20, metavar="N",

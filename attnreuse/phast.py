@@ -3,12 +3,14 @@
 A neighbour of a schedule swaps one reuse step with one computing step (never the first), so the
 number of reuse steps stays fixed. Each round evaluates every unseen neighbour of the current schedule;
 the best one is taken if it beats the current utility by more than ``epsilon``, else the search stops.
-Utility is the mean PSNR of the calibration samples against the full sampler's.
+Utility is the mean PSNR of the calibration samples against the full sampler's. :func:`greedy_search` is the
+search alone, scoring each round's candidates through a callable (``python -m attnreuse search`` spreads them
+over processes); :func:`phast` scores them by sampling a calibration set in this process.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -56,6 +58,58 @@ def neighbours(schedule: tuple[int, ...]) -> list[tuple[int, ...]]:
     return out
 
 
+def start_schedule(start, steps: int, reuse: int) -> tuple[int, ...]:
+    """``start`` (default HURRY) as a tuple, checked to have ``steps`` steps with ``reuse`` reuse steps."""
+    best = tuple(start) if start is not None else hurry(steps, reuse)
+    if len(best) != steps or best.count(0) != reuse:
+        raise ValueError(f"start {to_string(best)} must have {steps} steps with {reuse} reuse steps")
+    return best
+
+
+Evaluate = Callable[[list[tuple[int, ...]]], Sequence[float]]
+
+
+def greedy_search(evaluate: Evaluate, steps: int, reuse: int, *, epsilon: float = 0.01, start=None,
+                  max_rounds: int | None = None, on_round: Callable[[PhastRound], None] | None = None) -> PhastResult:
+    """PHAST's greedy search, given ``evaluate(schedules) -> utilities`` (one per schedule, in order).
+
+    ``evaluate`` is called once with the start schedule, then once per round with that round's unseen
+    neighbours in :func:`neighbours` order, so it may score a round's candidates in any order or in parallel.
+    Ties go to the first candidate: the same utilities always give the same schedule and trace.
+    ``on_round`` is told each round as it ends. ``samplings`` counts the schedules scored plus the reference.
+    """
+    best = start_schedule(start, steps, reuse)
+    seen: dict[tuple[int, ...], float] = {}
+
+    def score(schedules):
+        utilities = [float(u) for u in evaluate(schedules)]
+        if len(utilities) != len(schedules):
+            raise ValueError(f"evaluate returned {len(utilities)} utilities for {len(schedules)} schedules")
+        seen.update(zip(schedules, utilities))
+
+    score([best])
+    result = PhastResult(best, seen[best], seen[best], 0)
+    rounds = 0
+    while max_rounds is None or rounds < max_rounds:
+        rounds += 1
+        candidates = [s for s in neighbours(best) if s not in seen]
+        if not candidates:
+            break
+        score(candidates)
+        top = max(candidates, key=seen.__getitem__)
+        accepted = seen[top] > result.utility + epsilon
+        if accepted:
+            best, result.utility = top, seen[top]
+        result.trace.append(PhastRound(rounds, to_string(best), result.utility, len(candidates), accepted))
+        if on_round is not None:
+            on_round(result.trace[-1])
+        if not accepted:
+            break
+    result.schedule = best
+    result.samplings = 1 + len(seen)
+    return result
+
+
 def phast(model, generate: Callable[[], torch.Tensor], steps: int, reuse: int, *, epsilon: float = 0.01,
           start=None, max_rounds: int | None = None, data_range: float = 1.0, **patch_kwargs) -> PhastResult:
     """Search a schedule with ``reuse`` reuse steps out of ``steps`` for ``model`` (a UNet or pipeline).
@@ -69,34 +123,15 @@ def phast(model, generate: Callable[[], torch.Tensor], steps: int, reuse: int, *
         start: the starting schedule (default HURRY); max_rounds: stop after this many rounds;
         data_range: the images' value range for PSNR; patch_kwargs: passed to :func:`attnreuse.patch`.
     """
+    start = start_schedule(start, steps, reuse)  # a bad start fails before any sampling
     with torch.no_grad():
         reference = generate()
-    seen: dict[tuple[int, ...], float] = {}
 
-    def utility(schedule):
-        if schedule not in seen:
+    def evaluate(schedules):
+        utilities = []
+        for schedule in schedules:
             with patch(model, schedule, **patch_kwargs), torch.no_grad():
-                seen[schedule] = psnr(generate(), reference, data_range).mean().item()
-        return seen[schedule]
+                utilities.append(psnr(generate(), reference, data_range).mean().item())
+        return utilities
 
-    best = tuple(start) if start is not None else hurry(steps, reuse)
-    if len(best) != steps or best.count(0) != reuse:
-        raise ValueError(f"start {to_string(best)} must have {steps} steps with {reuse} reuse steps")
-    result = PhastResult(best, utility(best), utility(best), 0)
-    rounds = 0
-    while max_rounds is None or rounds < max_rounds:
-        rounds += 1
-        candidates = [s for s in neighbours(best) if s not in seen]
-        if not candidates:
-            break
-        scores = {s: utility(s) for s in candidates}
-        top = max(scores, key=scores.get)
-        accepted = scores[top] > result.utility + epsilon
-        if accepted:
-            best, result.utility = top, scores[top]
-        result.trace.append(PhastRound(rounds, to_string(best), result.utility, len(candidates), accepted))
-        if not accepted:
-            break
-    result.schedule = best
-    result.samplings = 1 + len(seen)
-    return result
+    return greedy_search(evaluate, steps, reuse, epsilon=epsilon, start=start, max_rounds=max_rounds)

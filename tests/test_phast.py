@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnreuse
-from attnreuse.phast import neighbours
+from attnreuse.phast import greedy_search, neighbours
 from tests.helpers import make_unet, sample
 
 
@@ -46,3 +46,27 @@ def test_psnr():
     img[0] += 0.1
     db = attnreuse.psnr(img, ref)
     assert db[0].item() == pytest.approx(20.0) and db[1].item() == 100.0
+
+
+
+def test_greedy_search_scores_each_round_in_one_call_and_breaks_ties_by_order():
+    """A synthetic utility with ties: the start, then each round's unseen neighbours in one call, in order;
+    the first of equally good candidates wins."""
+    def score(s):
+        return float(sum(i * b for i, b in enumerate(s)) // 3)
+
+    calls = []
+
+    def evaluate(schedules):
+        calls.append(list(schedules))
+        return [score(s) for s in schedules]
+
+    rounds = []
+    res = greedy_search(evaluate, 6, 2, epsilon=0.0, on_round=rounds.append)
+    assert calls[0] == [attnreuse.hurry(6, 2)] and calls[1] == neighbours(attnreuse.hurry(6, 2))
+    assert rounds == res.trace and res.samplings == 1 + sum(len(c) for c in calls)
+    first = calls[1]
+    top = max(score(s) for s in first)
+    if res.trace[0].accepted:
+        assert res.trace[0].schedule == attnreuse.schedule.to_string(next(s for s in first if score(s) == top))
+    assert all(not set(a) & set(b) for a, b in zip(calls, calls[1:]))  # nothing scored twice
