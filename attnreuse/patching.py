@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 
@@ -23,8 +24,9 @@ def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_
     """Make ``model`` reuse attention maps on the steps where ``schedule`` says 0.
 
     Args:
-        model: a diffusers ``UNet2DConditionModel``, or a pipeline with one as ``.unet`` (then the pipeline's
-            progress bar drives the steps: see :mod:`attnreuse.sampler`).
+        model: a diffusers ``UNet2DConditionModel`` or DiT transformer whose attention runs diffusers'
+            ``AttnProcessor2_0`` (PixArt-α/Σ), or a pipeline with one as ``.unet`` / ``.transformer`` (then the
+            pipeline's progress bar drives the steps: see :mod:`attnreuse.sampler`).
         schedule, layers, cache_dtype, max_cache_bytes, backend, target: see :class:`attnreuse.ReuseConfig`.
 
     Returns a :class:`ReuseHandle` (also a context manager that unpatches on exit). Patching a patched
@@ -54,17 +56,23 @@ def unpatch(model) -> None:
 
 
 def _resolve(model) -> tuple[torch.nn.Module, object | None]:
-    unet, pipe = (model, None) if isinstance(model, torch.nn.Module) else (getattr(model, "unet", None), model)
+    """``(denoiser, pipeline or None)``: the UNet (``pipe.unet``) or DiT transformer (``pipe.transformer``)."""
+    if isinstance(model, torch.nn.Module):
+        unet, pipe = model, None
+    else:
+        unet, pipe = getattr(model, "unet", None) or getattr(model, "transformer", None), model
     if not isinstance(unet, torch.nn.Module):
-        raise TypeError(f"attnreuse.patch takes a diffusers UNet or a pipeline with a .unet, not {type(model).__name__}")
-    return getattr(unet, "_orig_mod", unet), pipe  # a torch.compile'd UNet: patch the module it wraps
+        raise TypeError(f"attnreuse.patch takes a diffusers UNet2DConditionModel or PixArt-style transformer, or a "
+                        f"pipeline with one (.unet / .transformer), not {type(model).__name__}")
+    return getattr(unet, "_orig_mod", unet), pipe  # a torch.compile'd model: patch the module it wraps
 
 
 def _find_layers(unet: torch.nn.Module, config: ReuseConfig, previous: "ReuseHandle | None") -> dict[str, Attention]:
     found = {name: m for name, m in unet.named_modules() if isinstance(m, Attention)}
     if not found:
-        raise TypeError(f"{type(unet).__name__} has no diffusers Attention layers: pass a UNet2DConditionModel "
-                        "or a pipeline that has one")
+        raise TypeError(f"{type(unet).__name__} has no diffusers Attention layers: attnreuse patches UNet2DConditionModel "
+                        "and PixArt-style DiT transformers (joint-attention models such as SD3 and Flux are not "
+                        "supported)")
     chosen = {name: m for name, m in found.items() if config.selects(name, m.is_cross_attention)}
     if not chosen:
         raise ValueError(f"layers={config.layers!r} selects none of the {len(found)} attention layers "
@@ -114,6 +122,9 @@ class ReuseHandle:
         for name, m in layers.items():
             m.set_processor(self._installed[name])
         self.clock.on_begin = self.check_installed
+        # forward's parameter names: UNets take (sample, timestep, encoder_hidden_states, ...), DiT transformers
+        # (hidden_states, encoder_hidden_states, timestep, ...); either may come by position or by keyword
+        self._params = list(inspect.signature(type(unet).forward).parameters)[1:]
         self._hooks = (unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
                        unet.register_forward_hook(self._after_unet_call))
         self._pipes: list = []
@@ -182,7 +193,7 @@ class ReuseHandle:
     def attach(self, pipe) -> None:
         """Let another pipeline sharing this UNet (e.g. from ``Pipeline.from_pipe``) drive the clock too."""
         if _resolve(pipe)[0] is not self.unet:
-            raise ValueError(f"{type(pipe).__name__}.unet is not the UNet this handle patched")
+            raise ValueError(f"{type(pipe).__name__}'s UNet (or transformer) is not the one this handle patched")
         _check_pipeline(pipe, self)
         pipe.progress_bar = ProgressClock(self.clock, pipe)  # an instance attribute: the class stays
         self._pipes.append(pipe)
@@ -263,14 +274,19 @@ class ReuseHandle:
 
     # ---- the UNet's pre-hook (traced by torch.compile: no host sync on a marked generation) -------------
 
+    def _argument(self, name: str, args, kwargs):
+        if name in kwargs:
+            return kwargs[name]
+        i = self._params.index(name)
+        return args[i] if i < len(args) else None
+
     def _on_unet_call(self, module, args, kwargs):
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        gen = self.clock.for_call(sample, timestep)
+        sample = self._argument(self._params[0], args, kwargs)  # sample (UNet) or hidden_states (DiT)
+        gen = self.clock.for_call(sample, self._argument("timestep", args, kwargs))
         if not self.config.planned:
             gen.policies = self._fixed_policies
             return
-        context = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        context = self._argument("encoder_hidden_states", args, kwargs)
         key = self._key(sample, context, gen.n_reuse, gen.n_capture)
         if key not in self._policies:
             if torch.compiler.is_compiling():

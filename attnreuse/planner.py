@@ -95,13 +95,16 @@ def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...],
                  context_tokens: int) -> dict[str, LayerShape]:
     """The map shape of each named attention layer of a diffusers UNet for one call's input shape."""
     batch, _, height, width = sample_shape
-    down = [b.downsamplers is not None for b in unet.down_blocks]
-    up = [getattr(b, "upsamplers", None) is not None for b in unet.up_blocks]
+    patch = getattr(unet.config, "patch_size", None) if hasattr(unet, "transformer_blocks") else None
+    down = [b.downsamplers is not None for b in getattr(unet, "down_blocks", ())]
+    up = [getattr(b, "upsamplers", None) is not None for b in getattr(unet, "up_blocks", ())]
     modules = dict(unet.named_modules())
     out = {}
     for name in names:
         parts = name.split(".")
-        if parts[0] == "down_blocks":
+        if patch:  # a DiT: every layer sees the latent's patches
+            factor = patch
+        elif parts[0] == "down_blocks":
             factor = 2 ** sum(down[: int(parts[1])])
         elif parts[0] == "mid_block":
             factor = 2 ** sum(down)

@@ -31,15 +31,15 @@ def check_supported(name: str, attn: torch.nn.Module, processor) -> None:
     if "Fused" in kind:  # unfusing restores the processors; the fused weights stay unused beside the originals
         raise TypeError(f"{name}: fused query/key/value projections ({kind}) are not supported; call "
                         "pipe.unfuse_qkv_projections() (or unet.unfuse_qkv_projections()) before patching")
+    if "Joint" in kind or "Flux" in kind or "SD3" in kind:
+        raise TypeError(f"{name}: processor {kind} (joint text-image attention, as in SD3 and Flux) is not "
+                        f"supported: attnreuse patches attention layers running {SUPPORTED}")
     if attn.added_kv_proj_dim is not None:
         raise TypeError(f"{name}: added key/value projections (DeepFloyd IF, Kandinsky) are not supported, with any "
                         f"processor; {leave_out}")
     if "IPAdapter" in kind:
         raise TypeError(f"{name}: processor {kind} (an IP-Adapter) is not supported; patch with layers='self' "
                         "(IP-Adapters act on cross-attention), or unload the adapter first (pipe.unload_ip_adapter())")
-    if "Joint" in kind or "Flux" in kind or "SD3" in kind:
-        raise TypeError(f"{name}: processor {kind} (joint text-image attention, as in SD3 and Flux) is not "
-                        f"supported: attnreuse patches attention layers running {SUPPORTED}")
     if not isinstance(processor, SUPPORTED_PROCESSORS):
         raise TypeError(f"{name}: processor {kind} is not supported; call "
                         f"unet.set_attn_processor(AttnProcessor2_0()) before patching, or {leave_out}")

@@ -3,9 +3,12 @@
 UNets built from the public SD1.5 / SD2.1 / SDXL configs with random fp16 weights, batch 2 (CFG). Per
 UNet call, eager and CUDA-graph replay: default diffusers attention (SDPA), attention removed (the
 ceiling of any reuse method), materialised attention (``AttnProcessor``, the paper's setting), an
-attnreuse reuse step with fp16 and fp8 maps, and an attnreuse capture step. Then 20-step DDIM loops
-(graph replay per step): full, HURRY-10, and step reduction to the same latency. ``--dry-run`` runs the
-same code eagerly on a tiny UNet on the CPU.
+attnreuse reuse step and capture step with fp16, fp8 and 4-bit maps. Then 20-step DDIM loops (graph replay
+per step): full, HURRY-10, and step reduction to the same latency. With the ``DeepCache`` package: a DeepCache
+cached step (deep blocks from the last full step; interval 3, branch 0) alone, capturing and reusing fp8 maps,
+and 20-step estimates from the per-call times: DeepCache alone, and with HURRY-10 / PHAST-10 map reuse (on
+SD1.5 the costly 64² self-attention is in the shallow blocks DeepCache still computes, so the savings add).
+``--dry-run`` runs the same code eagerly on a tiny UNet on the CPU.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ CONFIGS = {  # the public UNet configs (architecture only)
 }
 TEXT_TOKENS = 77
 CASES = [("sd15", 512), ("sd15", 768), ("sd15", 1024), ("sd21", 768), ("sdxl", 1024)]
+DEEPCACHE_INTERVAL = 3
+PHAST_SD15 = "11111111010001000000"  # the paper's PHAST-10 for SD1.5, 20-step DDIM
 
 
 class SkipAttention:
@@ -87,6 +92,34 @@ class Bench:
             return self.time_call()
         finally:
             self.unet.set_attn_processor(AttnProcessor2_0())
+
+    def deepcache_steps(self) -> dict:
+        """UNet call ms of a DeepCache cached step: alone, capturing fp8 maps, reusing them. DeepCache's own UNet
+        wrapper finds the step index with a host sync; here its step counter is set directly, so the calls
+        replay as CUDA graphs (the cached blocks' outputs are the full step's graph outputs)."""
+        from types import SimpleNamespace
+
+        from DeepCache import DeepCacheSDHelper
+
+        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=self.unet))
+        helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=0)
+        helper.enable()
+        del self.unet.forward  # the class's forward again, without the step-finding wrapper
+        helper.start_timestep = 0
+        r = {}
+        try:
+            with attnreuse.patch(self.unet, "10", cache_dtype="fp8") as handle, handle.generation(2) as gen:
+                helper.cur_timestep = 0  # a full DeepCache step, capturing every layer's map
+                gen.hold(0)
+                self.time_call()
+                helper.cur_timestep = 1  # cached steps
+                r["dc_cached_capture_fp8"] = self.time_call()
+                gen.hold(1)
+                r["dc_cached_reuse_fp8"] = self.time_call()
+            r["dc_cached"] = self.time_call()
+        finally:
+            helper.disable()
+        return r
 
     def reuse_and_capture(self, cache_dtype: str) -> tuple[dict, dict, int]:
         with attnreuse.patch(self.unet, "10", cache_dtype=cache_dtype) as handle, handle.generation(2) as gen:
@@ -145,6 +178,11 @@ def run_case(arch, px, args, device, dtype, bw) -> dict:
         r[f"reuse_{dt}"], r[f"capture_{dt}"], r[f"cache_bytes_{dt}"] = b.reuse_and_capture(dt)
         torch.cuda.empty_cache() if device.type == "cuda" else None
     mode = "graph" if b.graphs else "eager"
+    try:
+        r.update(b.deepcache_steps())
+        r["loops_deepcache"] = deepcache_loops(r, mode, args.steps)
+    except ImportError:
+        r["loops_deepcache"] = "DeepCache is not installed (pip install DeepCache)"
     n, reuse = args.steps, args.steps // 2
     hurry = attnreuse.hurry(n, reuse)
     r["loop_full"] = b.loop_ms(None, "fp8", n)
@@ -163,6 +201,24 @@ def run_case(arch, px, args, device, dtype, bw) -> dict:
     r["mode"] = mode
     del b
     return r
+
+
+def deepcache_loops(r: dict, mode: str, steps: int) -> dict:
+    """ms of ``steps``-step loops from per-call times: DeepCache alone (a full step every DEEPCACHE_INTERVAL),
+    with HURRY and PHAST map reuse (fp8 maps), and without either."""
+    full = {"compute": r["default"][mode], "capture": r["capture_fp8"][mode], "reuse": r["reuse_fp8"][mode]}
+    cached = {"compute": r["dc_cached"][mode], "capture": r["dc_cached_capture_fp8"][mode],
+              "reuse": r["dc_cached_reuse_fp8"][mode]}
+    schedules = {"none": (1,) * steps, f"hurry-{steps // 2}": attnreuse.hurry(steps, steps // 2)}
+    if steps == len(PHAST_SD15):
+        schedules["phast-10"] = attnreuse.as_schedule(PHAST_SD15)
+    out = {}
+    for name, schedule in schedules.items():
+        kinds = [a.value for a in attnreuse.schedule.actions(schedule)]
+        out[f"{name}"] = sum(full[k] for k in kinds)
+        out[f"deepcache+{name}"] = sum((full if i % DEEPCACHE_INTERVAL == 0 else cached)[k]
+                                       for i, k in enumerate(kinds))
+    return out
 
 
 def main(argv=None):
@@ -197,6 +253,10 @@ def main(argv=None):
     print(f"{'case':11} {'default':>8} {'none':>8} {'materl':>8} {'reuse16':>8} {'reuse8':>8} {'limit8':>8} "
           f"{'cap8':>8} {'cap8/def':>8} {'cache8 GB':>9} {'full':>8} {'hurry':>8} {'fewer':>10} "
           f"{'speedup':>7} {'limit':>6}")
+    for r in results["cases"]:
+        if isinstance(r["loops_deepcache"], dict):
+            print(f"{r['arch']} {r['px']}: {args.steps}-step estimates from per-call times (DeepCache interval "
+                  f"{DEEPCACHE_INTERVAL}, fp8 maps): " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["loops_deepcache"].items()))
     for r in results["cases"]:
         m = r["mode"]
         print(f"{r['arch'] + ' ' + str(r['px']):11} {r['default'][m]:8.2f} {r['none'][m]:8.2f} "

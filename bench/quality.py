@@ -3,7 +3,9 @@
 On held-out (class, seed) pairs (never the calibration pairs PHAST searched on), for DDIM and DPM-Solver++
 at N steps and each reuse count r: PSNR and SSIM against the full N-step sample for HURRY, PHAST, early
 reuse, random schedules, fp16 and fp8 instead of model-dtype maps, attention-output reuse (the T-GATE / PAB
-strategy) and step reduction at equal cost. A reuse step costs ρ of a computing step, so a schedule costs
+strategy), DeepCache (the ``DeepCache`` package: interval 3, branch 0) alone and with PHAST map reuse, each with
+the fraction of the full sampler's UNet FLOPs it spends (``torch.utils.flop_counter``), and step reduction at
+equal cost. A reuse step costs ρ of a computing step, so a schedule costs
 ``#compute + ρ·#reuse`` steps; step reduction runs the most steps that cost no more. ρ is measured on GPUs
 (per card and resolution: ``attnreuse/measured.json``, or ``--rho-from`` a ``bench/e2e.py --json`` file); with
 no measurement, the labelled assumptions of ``measured.json`` (the paper's 0.31, the H200 SDPA ceiling 0.90).
@@ -16,12 +18,14 @@ import argparse
 import csv
 import math
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import torch
 from skimage.metrics import structural_similarity
+from torch.utils.flop_counter import FlopCounterMode
 
 import attnreuse
 from attnreuse import measured
@@ -46,31 +50,65 @@ def random_schedule(steps: int, r: int, seed: int) -> tuple[int, ...]:
     return tuple(0 if i in reuse else 1 for i in range(steps))
 
 
+DEEPCACHE_INTERVAL = 3
+
+
+def flops_of(fn) -> tuple[torch.Tensor, int]:
+    """``fn()``'s result and the FLOPs it spent (matmuls, convolutions, attention: torch's flop counter)."""
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+def deepcache(pipe):
+    """DeepCache (interval 3, branch 0) on ``pipe``: a context manager."""
+    from contextlib import contextmanager
+
+    from DeepCache import DeepCacheSDHelper
+
+    @contextmanager
+    def enabled():
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=0)
+        helper.enable()
+        try:
+            yield
+        finally:
+            helper.disable()
+    return enabled()
+
+
 def evaluate(args, rhos: list[measured.Rho]) -> list[dict]:
     rows = []
     searched = searched_schedules()
     for sched_name in args.schedulers:
         pipe = load_default(sched_name)
         run = lambda n=args.steps: generate(pipe, args.pairs, n)  # noqa: E731
-        reference = run()
+        reference, full_flops = flops_of(run)
 
-        def record(method, schedule=None, images=None, steps=args.steps, r=None, **extra):
+        def record(method, schedule=None, images=None, steps=args.steps, r=None, flops=False, cache=False, **extra):
+            """One row; ``flops``: also the fraction of the full sampler's UNet FLOPs; ``cache``: under DeepCache."""
+            spent = None
             if images is None:
-                with attnreuse.patch(pipe, schedule, **extra):
-                    images = run()
+                with attnreuse.patch(pipe, schedule, **extra) if schedule is not None else nullcontext():
+                    with deepcache(pipe) if cache else nullcontext():
+                        images, spent = flops_of(run) if flops else (run(), None)
             p = attnreuse.psnr(images, reference)
             s = ssim(images, reference)
             n_reuse = 0 if schedule is None else schedule.count(0)
             row = {"scheduler": sched_name, "r": r, "method": method,
                    "schedule": "" if schedule is None else to_string(schedule),
                    "steps": steps, "compute_steps": steps - n_reuse, "reuse_steps": n_reuse,
-                   "psnr": p.mean().item(), "psnr_std": p.std().item(), "ssim": float(s.mean())}
-            for rho in rhos:
-                row[f"latency_{rho.label}"] = (steps - n_reuse + rho.value * n_reuse) / args.steps
+                   "psnr": p.mean().item(), "psnr_std": p.std().item(), "ssim": float(s.mean()),
+                   "unet_flops": None if spent is None else spent / full_flops}
+            for rho in rhos:  # DeepCache's steps cost what the GPU rows of bench/e2e.py measure: not modelled here
+                row[f"latency_{rho.label}"] = None if cache else (steps - n_reuse + rho.value * n_reuse) / args.steps
             rows.append(row)
             print(f"{sched_name:5} r={r!s:>3} {method:22} {row['schedule']:>22} {row['psnr']:6.2f} dB "
-                  f"SSIM {row['ssim']:.3f}", flush=True)
+                  f"SSIM {row['ssim']:.3f}" + ("" if spent is None else f", {row['unet_flops']:.1%} of the FLOPs"),
+                  flush=True)
 
+        record(f"deepcache N={DEEPCACHE_INTERVAL}", flops=True, cache=True)
         for r in args.reuse:
             hurry = attnreuse.hurry(args.steps, r)
             record("hurry", hurry, r=r)  # maps in the model's dtype (fp32 here)
@@ -82,7 +120,8 @@ def evaluate(args, rhos: list[measured.Rho]) -> list[dict]:
             else:  # not shipped for this size: search now, on the calibration pairs
                 phast = attnreuse.phast(pipe, lambda: generate(pipe, args.calibration, args.steps), args.steps, r,
                                         max_rounds=args.phast_rounds).schedule
-            record("phast", phast, r=r)
+            record("phast", phast, r=r, flops=True)
+            record(f"deepcache N={DEEPCACHE_INTERVAL} + phast", phast, r=r, flops=True, cache=True)
             record("phast fp16 maps", phast, r=r, cache_dtype="fp16")
             record("phast fp8 maps", phast, r=r, cache_dtype="fp8")
             record("early", early(args.steps, r), r=r)
@@ -103,13 +142,17 @@ def write(rows: list[dict], out: Path, steps: int, rhos: list[measured.Rho]) -> 
     lines = [f"PSNR / SSIM against the full {steps}-step sample, held-out pairs. Relative latency = "
              f"(compute + ρ·reuse) / {steps}, a reuse step costing ρ of a computing step:", "",
              *(f"- ρ = {rho.value} ({rho.label}): {rho.source}" for rho in rhos), "",
-             "| scheduler | r | method | schedule | PSNR dB | SSIM | " + " | ".join(f"latency ρ={rho.value}" for rho in
-                                                                            rhos) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(rhos)]
+             "UNet FLOPs: the fraction of the full sampler's, counted by torch.utils.flop_counter (DeepCache and map "
+             "reuse rows, and PHAST alone beside them).", "",
+             "| scheduler | r | method | schedule | PSNR dB | SSIM | UNet FLOPs | "
+             + " | ".join(f"latency ρ={rho.value}" for rho in rhos) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(rhos)]
     for row in rows:
-        lat = " | ".join(f"{row[f'latency_{rho.label}']:.2f}" for rho in rhos)
+        lat = " | ".join("-" if row[f"latency_{rho.label}"] is None else f"{row[f'latency_{rho.label}']:.2f}"
+                         for rho in rhos)
+        flops = "-" if row["unet_flops"] is None else f"{row['unet_flops']:.1%}"
         lines.append(f"| {row['scheduler']} | {row['r']} | {row['method']} | `{row['schedule'] or '-'}` | "
-                     f"{row['psnr']:.2f} ± {row['psnr_std']:.2f} | {row['ssim']:.3f} | {lat} |")
+                     f"{row['psnr']:.2f} ± {row['psnr_std']:.2f} | {row['ssim']:.3f} | {flops} | {lat} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
 
     schedulers = sorted({r["scheduler"] for r in rows})

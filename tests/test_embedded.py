@@ -116,14 +116,19 @@ def test_quality_benchmark_tiny(tmp_path):
     run("bench/quality.py", "--tiny", "--out", str(tmp_path / "q"), "--rho-from", str(e2e))
     md = (tmp_path / "q" / "quality.md").read_text()
     for method in ("hurry", "phast", "early", "random", "output reuse", "fp16 maps", "fp8 maps",
-                   "steps (ρ h100_sd15_512)"):
+                   "steps (ρ h100_sd15_512)", "deepcache N=3 | ", "deepcache N=3 + phast"):
         assert method in md
+    deepcache = [line for line in md.splitlines() if "| deepcache N=3 |" in line]
+    assert deepcache and all(0.2 < float(line.split("|")[7].strip(" %")) / 100 < 0.9 for line in deepcache)
     assert "ρ = 0.75 (h100_sd15_512): NVIDIA H100 80GB HBM3, sd15 512²" in md and "paper" not in md
     assert (tmp_path / "q" / "quality.png").stat().st_size > 0 and (tmp_path / "q" / "quality.csv").is_file()
 
 
 def test_e2e_benchmark_dry_run(tmp_path):
-    assert "tiny 128" in run("bench/e2e.py", "--dry-run", "--json", str(tmp_path / "e2e.json")).stdout
+    out = run("bench/e2e.py", "--dry-run", "--json", str(tmp_path / "e2e.json")).stdout
+    assert "tiny 128" in out and "deepcache+hurry-2" in out
+    case = json.loads((tmp_path / "e2e.json").read_text())["cases"][0]
+    assert case["dc_cached"]["eager"] > 0 and case["loops_deepcache"]["deepcache+none"] > 0
     with pytest.raises(ValueError, match="no CUDA-graph cases"):  # a CPU run never counts as a GPU figure
         measured.e2e_entries(tmp_path / "e2e.json")
     results = json.loads((tmp_path / "e2e.json").read_text())

@@ -106,6 +106,9 @@ class MapFormat:
     def __str__(self) -> str:
         return self.name
 
+    def __repr__(self) -> str:
+        return f"MapFormat({self.name!r})"
+
     def __reduce__(self):  # pickles by name: the registry of the process that unpickles supplies the codec
         return get, (self.name,)
 

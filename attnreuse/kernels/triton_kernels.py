@@ -127,6 +127,15 @@ def _encode(p, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.con
 
 
 @triton.jit
+def _decoded_scale(MAP_FORMAT: tl.constexpr, FP8_CVT: tl.constexpr):
+    """What ``_decode``'s values are multiplied by to be the stored values (× TOP): 2⁸ for fp8 decoded by the
+    shift, 2¹⁴ for E2M2."""
+    if MAP_FORMAT == MAP_FP8 and not FP8_CVT:
+        return 256.0
+    return 16384.0 if MAP_FORMAT == MAP_E2M2 else 1.0
+
+
+@triton.jit
 def _stored_scale(MAP_FORMAT: tl.constexpr):
     """What ``_encode``'s stored values are multiplied by to be relative to the block maximum."""
     return 16384.0 / 7.0 if MAP_FORMAT == MAP_E2M2 else 1.0
@@ -148,7 +157,7 @@ def cached_pv_kernel(
     so_b, so_m,  # O [B, Nq, H·D], in 16-byte units
     H, NQ, NK, ROW_ITEMS,
     HEAD_DIM: tl.constexpr, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr,
-    ASM: tl.constexpr, OUT_SCALE: tl.constexpr,
+    ASM: tl.constexpr, INV_TOP: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
@@ -195,11 +204,12 @@ def cached_pv_kernel(
         a_ptrs += A_STEP
         v_row += BLOCK_N * _rows(sv_n, V_ITEM)
     o_row = O + b * _rows(so_b, O_ITEM) + h * HEAD_DIM + offs_m[:, None] * _rows(so_m, O_ITEM)
-    tl.store(o_row + offs_d[None, :], (acc * OUT_SCALE).to(O.dtype.element_ty),
+    out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)
+    tl.store(o_row + offs_d[None, :], (acc * out_scale).to(O.dtype.element_ty),
              mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])
     if BLOCK_D2 > 0:
         d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        tl.store(o_row + d2[None, :], (acc2 * OUT_SCALE).to(O.dtype.element_ty),
+        tl.store(o_row + d2[None, :], (acc2 * out_scale).to(O.dtype.element_ty),
                  mask=mask_m[:, None] & (d2 < HEAD_DIM)[None, :])
 
 

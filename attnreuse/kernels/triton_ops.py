@@ -57,13 +57,10 @@ def _dot_dtype(*dtypes: torch.dtype):
     return (tl.bfloat16 if torch.bfloat16 in dtypes else tl.float16), "tf32"
 
 
-def _decode_args(fmt: formats.MapFormat, arch: int, kv_tokens: int) -> tuple[dict, float]:
-    """The kernels' format constants and output scale. Hardware e4m3 conversions from sm_89 on; the
-    interpreter takes the integer path (its fp32 -> e4m3 rounding drops the carry into the exponent)."""
-    fp8_cvt = arch >= 89 and not INTERPRET
-    decoded = {formats.KERNEL_FP8: 1.0 if fp8_cvt else 2.0 ** 8, formats.KERNEL_E2M2: 2.0 ** 14}.get(fmt.kernel, 1.0)
-    return (dict(MAP_FORMAT=fmt.kernel, FRAGMENT=fmt.in_fragment_order(kv_tokens), FP8_CVT=fp8_cvt, ASM=not INTERPRET),
-            decoded / fmt.top)
+def _format_args(fmt: formats.MapFormat, arch: int, kv_tokens: int) -> dict:
+    """The kernels' format constants. Hardware e4m3/e5m2 conversions from sm_89 on; the interpreter takes the
+    integer path (its fp32 -> fp8 rounding drops the carry into the exponent)."""
+    return dict(MAP_FORMAT=fmt.kernel, FRAGMENT=fmt.in_fragment_order(kv_tokens), FP8_CVT=arch >= 89 and not INTERPRET)
 
 
 def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: Config | None = None) -> None:
@@ -77,7 +74,7 @@ def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: 
     v = aligned_rows(v)
     arch = target_arch()
     config = config or cached_pv_config(d, nq, nk, fmt, arch)
-    flags, out_scale = _decode_args(fmt, arch, nk)
+    flags = _format_args(fmt, arch, nk)
     a_item, v_item, o_item = data.element_size(), v.element_size(), out.element_size()
     dot_dtype, precision = _dot_dtype(v.dtype, fmt.dtype)
     split = split_block_d(d) if config.split_d else (block_d(d), 0)
@@ -87,7 +84,7 @@ def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: 
         block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
         _units(v.stride(0), v_item), _units(v.stride(1), v_item), _units(out.stride(0), o_item),
         _units(out.stride(1), o_item), h, nq, nk, items,
-        HEAD_DIM=d, OUT_SCALE=out_scale, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        HEAD_DIM=d, INV_TOP=1.0 / fmt.top, ASM=not INTERPRET, DOT_DTYPE=dot_dtype, PRECISION=precision,
         EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
         BLOCK_D=split[0], BLOCK_D2=split[1], **flags, **config.launch_args())
 
@@ -104,8 +101,7 @@ def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: fl
     nk = k.shape[1]
     arch = target_arch()
     config = config or capture_config(d, nq, nk, fmt, arch)
-    flags, _ = _decode_args(fmt, arch, nk)
-    del flags["ASM"]  # capture only encodes
+    flags = _format_args(fmt, arch, nk)
     dot_dtype, precision = _dot_dtype(q.dtype, k.dtype, v.dtype)
     a_item = data.element_size()
     tk.capture_kernel[(triton.cdiv(nq, config.block_m), b * heads)](
