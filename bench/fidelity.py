@@ -8,8 +8,9 @@ fp16, fp8 e4m3 (per row and per key block) and 4-bit codes (two per byte) with a
   Gaussian logits from diffuse to peaked, a few spikes, a local peak on a 2-D grid), and on the embedded
   model's own maps (4, 16 and 64 keys);
 * **end-to-end table**: PSNR against the full sampler on the embedded model's held-out pairs, for HURRY and
-  PHAST with DDIM and DPM-Solver++, with the map reuse emulated here (:class:`EmulatedReuse`) so that any code
-  can be tried without touching the kernels. The emulation is checked against ``attnreuse.patch`` first.
+  PHAST with DDIM and DPM-Solver++, sampled by ``attnreuse.patch(..., backend="torch")``: the shipped formats
+  (fp16, fp8, fp4) as users get them, every other code registered as a map format for the run
+  (:func:`study_format`), so any code can be tried without touching the kernels.
 
 Writes ``fidelity.md`` and ``fidelity.csv`` into ``--out``.
 """
@@ -27,8 +28,9 @@ import torch.nn.functional as F
 
 import attnreuse
 from attnreuse.embedded import HELD_OUT, generate, load_default, searched_schedules
-from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.schedule import Action, actions, to_string
+from attnreuse.kernels import KEY_BLOCK, formats
+from attnreuse.kernels.reference import split_heads
+from attnreuse.schedule import to_string
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -247,24 +249,27 @@ def kernel_table(args) -> list[dict]:
 
 
 def model_maps(steps: int, pairs, at_steps) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The embedded model's attention maps and values (``[B, H, Nq, Nk]``, ``[B, H, Nk, D]``) at ``at_steps``
-    of a DDIM generation, grouped by key count."""
+    """The embedded model's attention maps and values (``[B, H, Nq, Nk]``, ``[B, H, Nk, D]``), grouped by key count,
+    as attnreuse captures them at ``at_steps`` of a DDIM generation (in fp64 storage: the maps themselves; each
+    capture step is followed by one reuse step, which the schedule needs to capture at all)."""
     pipe = load_default("ddim")
+    schedule = tuple(0 if i - 1 in at_steps else 1 for i in range(steps))
     found: dict[int, list] = {}
-    step = {"i": -1}
-
-    class Recorder:
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-            q, k, v = _qkv(attn, hidden_states, encoder_hidden_states)
-            probs = _probs(attn, q, k)
-            if step["i"] in at_steps:
-                found.setdefault(k.shape[2], []).append((probs, v.double()))
-            return _finish(attn, hidden_states, merge_heads(torch.matmul(probs, v)))
-
-    pipe.unet.set_attn_processor(Recorder())
-    hook = pipe.unet.register_forward_pre_hook(lambda *a: step.__setitem__("i", step["i"] + 1))
-    generate(pipe, pairs, steps)
-    hook.remove()
+    values: dict[str, torch.Tensor] = {}
+    layers = {name: m for name, m in pipe.unet.named_modules() if type(m).__name__ == "Attention"}
+    hooks = [m.to_v.register_forward_hook(lambda mod, args, out, name=name: values.__setitem__(name, out))
+             for name, m in layers.items()]
+    with attnreuse.patch(pipe, schedule, cache_dtype="fp64", backend="torch") as handle:
+        def collect(*_):  # after each UNet call: the maps a capture step just stored
+            gen = handle.current
+            if gen is not None and gen.step_index in at_steps:
+                for (name, _), cmap in gen.cache.maps.items():
+                    v = split_heads(values[name].double(), layers[name].heads)
+                    found.setdefault(cmap.kv_tokens, []).append((cmap.dequantize(torch.float64), v))
+        hooks.append(pipe.unet.register_forward_hook(collect))
+        generate(pipe, pairs, steps)
+    for h in hooks:
+        h.remove()
     return found
 
 
@@ -285,145 +290,66 @@ def model_table(args) -> list[dict]:
     return rows
 
 
-# ----------------------------------------------------------------------------------------------- emulation
-def _prologue(attn, hidden_states, encoder_hidden_states):
-    """diffusers' AttnProcessor2_0 up to the projections: normed ``[B, N, C]`` inputs (this model has no
-    spatial norm, group norm, q/k norms or masks: :func:`check_plain` says so)."""
-    if hidden_states.ndim == 4:
-        b, c, h, w = hidden_states.shape
-        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-    if encoder_hidden_states is None:
-        encoder_hidden_states = hidden_states
-    elif attn.norm_cross:
-        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    return hidden_states, encoder_hidden_states
+# ----------------------------------------------------------------------------------------------- end to end
+def study_format(code: Code) -> formats.MapFormat:
+    """``code`` as a map format of attnreuse's registry, for the PyTorch path: each stored value is the code's
+    dequantised value (fp32), its scales per key group within the storage's 128-key block (a per-row code: one
+    scale per block, the same on the embedded model's rows of at most 64 keys); the row-sum correction is the
+    storage's own (``stored_sums``)."""
+    grouped = replace(code, block=min(code.block or KEY_BLOCK, KEY_BLOCK), rowsum=False)
+
+    def encode(rel: torch.Tensor) -> torch.Tensor:
+        rows = rel.reshape(-1, rel.shape[-1])
+        return quantise(rows, grouped)[0].reshape(rel.shape).float()
+
+    return formats.MapFormat(f"study {code.name}", torch.float32, 32, 1.0, encode, torch.Tensor.float,
+                             stored_sums=code.rowsum)
 
 
-def _qkv(attn, hidden_states, encoder_hidden_states):
-    hs, ehs = _prologue(attn, hidden_states, encoder_hidden_states)
-    return tuple(split_heads(x, attn.heads) for x in (attn.to_q(hs), attn.to_k(ehs), attn.to_v(ehs)))
+SHIPPED = {"fp16": "fp16", "fp8 row": "fp8", "ue2m2 b128 Σ": "fp4"}  # study codes attnreuse ships as formats
 
 
-def _probs(attn, q, k) -> torch.Tensor:
-    """``softmax(Q Kᵀ · scale)`` in fp32, computed as attnreuse's reference capture computes it."""
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    return (torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * attn.scale).softmax(dim=-1)
-
-
-def _finish(attn, hidden_states, out):
-    out = attn.to_out[1](attn.to_out[0](out))
-    if hidden_states.ndim == 4:
-        b, c, h, w = hidden_states.shape
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-    if attn.residual_connection:
-        out = out + hidden_states
-    return out / attn.rescale_output_factor
-
-
-def check_plain(unet) -> None:
-    for name, m in unet.named_modules():
-        if type(m).__name__ == "Attention" and (m.spatial_norm is not None or m.group_norm is not None
-                                                 or m.norm_q is not None or m.norm_k is not None):
-            raise TypeError(f"{name}: the emulation covers plain attention layers only (no spatial/group/q/k norms)")
-
-
-class EmulatedReuse:
-    """Map reuse with maps stored through ``code``: attnreuse's semantics, the storage emulated in PyTorch.
-
-    Computing steps run the layer's own processor; a step whose successor reuses computes the map as
-    attnreuse's capture does and keeps ``quantise(map, code)`` in fp32; a reuse step multiplies the kept map by
-    fresh V. ``code=None`` keeps the fp32 map itself (what ``attnreuse.patch(..., cache_dtype="fp32")`` does).
-    """
-
-    def __init__(self, pipe, schedule, code: Code | None):
-        self.pipe, self.unet = pipe, pipe.unet
-        check_plain(self.unet)
-        self.actions = actions(attnreuse.as_schedule(schedule))
-        self.code = code
-        self.maps: dict[str, torch.Tensor] = {}
-        self.step = -1
-        self.originals = dict(self.unet.attn_processors)
-        self.unet.set_attn_processor({name: self._processor(name, proc) for name, proc in self.originals.items()})
-        self.hook = self.unet.register_forward_pre_hook(self._next_step)
-
-    def _next_step(self, *_):
-        self.step += 1  # batched CFG: one UNet call per step
-
-    def _processor(self, name, original):
-        def run(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
-            action = self.actions[self.step]
-            if action is Action.COMPUTE:
-                return original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kw)
-            hs, ehs = _prologue(attn, hidden_states, encoder_hidden_states)
-            v = split_heads(attn.to_v(ehs), attn.heads)
-            if action is Action.REUSE:
-                out = torch.matmul(self.maps[name].to(v.dtype), v)
-            else:  # CAPTURE
-                q, k = (split_heads(x, attn.heads) for x in (attn.to_q(hs), attn.to_k(ehs)))
-                probs = _probs(attn, q, k)
-                out = torch.matmul(probs.to(v.dtype), v)
-                self.maps[name] = probs if self.code is None else quantise(probs, self.code)[0].to(probs.dtype)
-            return _finish(attn, hidden_states, merge_heads(out))
-        return run
-
-    def generate(self, pairs, steps: int) -> torch.Tensor:
-        self.step, self.maps = -1, {}
-        try:
-            return generate(self.pipe, pairs, steps)
-        finally:
-            self.maps = {}
-
-    def remove(self) -> None:
-        self.unet.set_attn_processor(self.originals)
-        self.hook.remove()
-
-
-def emulate(pipe, pairs, steps: int, schedule, code: Code | None) -> torch.Tensor:
-    """Sample ``pairs`` with ``schedule``, maps stored through ``code`` (None: fp32)."""
-    emu = EmulatedReuse(pipe, schedule, code)
-    try:
-        return emu.generate(pairs, steps)
-    finally:
-        emu.remove()
-
-
-def e2e_table(args) -> tuple[list[dict], list[str]]:
-    rows, checks = [], []
+def e2e_table(args) -> list[dict]:
+    """PSNR against the full sampler with each code's maps, sampled by ``attnreuse.patch(..., backend="torch")``:
+    shipped formats as users get them, the other codes registered as formats for the run."""
+    rows = []
     searched = searched_schedules()
-    for sched_name in args.schedulers:
-        pipe = load_default(sched_name)
-        reference = generate(pipe, args.pairs, args.steps)
-        for r in args.reuse:
-            strategies = {"HURRY": attnreuse.hurry(args.steps, r)}
-            key = f"{sched_name}-{args.steps}-{r}"
-            if key in searched:
-                strategies["PHAST"] = attnreuse.as_schedule(searched[key]["schedule"])
-            for strategy, schedule in strategies.items():
-                t0 = time.time()
-                fp32 = emulate(pipe, args.pairs, args.steps, schedule, None)
-                with attnreuse.patch(pipe, schedule, cache_dtype="fp32"):
-                    patched = generate(pipe, args.pairs, args.steps)
-                diff = (fp32 - patched).abs().max().item()
-                checks.append(f"{sched_name} r={r} {strategy}: emulated fp32 maps vs attnreuse.patch(cache_dtype="
-                              f"'fp32'): max abs diff {diff:.1e}")
-                psnr = {"fp32": attnreuse.psnr(fp32, reference).mean().item()}
-                for name in args.e2e_codes:
-                    if name != "fp32":
-                        images = emulate(pipe, args.pairs, args.steps, schedule, CODES[name])
+    registered = {name: study_format(CODES[name]) for name in args.e2e_codes if name in CODES and name not in SHIPPED}
+    for fmt in registered.values():
+        formats.register(fmt)
+    try:
+        for sched_name in args.schedulers:
+            pipe = load_default(sched_name)
+            reference = generate(pipe, args.pairs, args.steps)
+            for r in args.reuse:
+                strategies = {"HURRY": attnreuse.hurry(args.steps, r)}
+                key = f"{sched_name}-{args.steps}-{r}"
+                if key in searched:
+                    strategies["PHAST"] = attnreuse.as_schedule(searched[key]["schedule"])
+                for strategy, schedule in strategies.items():
+                    t0 = time.time()
+                    psnr = {}
+                    for name in args.e2e_codes:
+                        fmt = "fp32" if name == "fp32" else SHIPPED.get(name) or registered[name]
+                        with attnreuse.patch(pipe, schedule, cache_dtype=fmt, backend="torch"):
+                            images = generate(pipe, args.pairs, args.steps)
                         psnr[name] = attnreuse.psnr(images, reference).mean().item()
-                for name, value in psnr.items():
-                    rows.append({"table": "e2e", "scheduler": sched_name, "r": r, "strategy": strategy,
-                                 "schedule": to_string(schedule), "code": name, "psnr": value,
-                                 "loss_vs_fp16": psnr.get("fp16", psnr["fp32"]) - value,
-                                 "bytes_per_entry": 4.0 if name == "fp32" else CODES[name].bytes_per_entry(4096)})
-                print(f"{sched_name} r={r} {strategy}: fp32 {psnr['fp32']:.2f} dB, "
-                      + ", ".join(f"{n} {psnr.get('fp16', 0) - p:+.2f}" for n, p in psnr.items() if n != "fp32")
-                      + f" dB loss vs fp16 ({time.time() - t0:.0f} s; {checks[-1].split(': ')[-1]})", flush=True)
-    return rows, checks
+                    for name, value in psnr.items():
+                        rows.append({"table": "e2e", "scheduler": sched_name, "r": r, "strategy": strategy,
+                                     "schedule": to_string(schedule), "code": name, "psnr": value,
+                                     "loss_vs_fp16": psnr.get("fp16", psnr["fp32"]) - value,
+                                     "bytes_per_entry": 4.0 if name == "fp32" else CODES[name].bytes_per_entry(4096)})
+                    print(f"{sched_name} r={r} {strategy}: fp32 {psnr['fp32']:.2f} dB, "
+                          + ", ".join(f"{n} {psnr.get('fp16', 0) - p:+.2f}" for n, p in psnr.items() if n != "fp32")
+                          + f" dB loss vs fp16 ({time.time() - t0:.0f} s)", flush=True)
+    finally:
+        for fmt in registered.values():
+            formats.unregister(fmt)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- report
-def write(kernel_rows: list[dict], e2e_rows: list[dict], checks: list[str], args) -> None:
+def write(kernel_rows: list[dict], e2e_rows: list[dict], args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = kernel_rows + e2e_rows
@@ -484,7 +410,7 @@ def write(kernel_rows: list[dict], e2e_rows: list[dict], checks: list[str], args
             lines.append(f"| {name} | {nbytes:.4g} | "
                          + " | ".join(f"{cells[s]['psnr']:.2f} ({cells[s]['loss_vs_fp16']:+.2f})" for s in settings)
                          + f" | {worst} | {model} | {long_rows} |")
-        lines += ["", "Emulation check (fp32 maps, emulated vs attnreuse):", ""] + [f"- {c}" for c in checks] + [""]
+        lines.append("")
     (out / "fidelity.md").write_text("\n".join(lines) + "\n")
 
 
@@ -533,9 +459,9 @@ def main(argv=None):
     t0 = time.time()
     with torch.no_grad():
         kernel_rows = kernel_table(args) + model_table(args)
-        e2e_rows, checks = e2e_table(args)
+        e2e_rows = e2e_table(args)
     args.seconds = time.time() - t0
-    write(kernel_rows, e2e_rows, checks, args)
+    write(kernel_rows, e2e_rows, args)
     print((Path(args.out) / "fidelity.md").read_text())
 
 
