@@ -142,9 +142,23 @@ def _stored_scale(MAP_FORMAT: tl.constexpr):
 
 
 @triton.jit
-def _rows(stride_v16, ITEM_BYTES: tl.constexpr):
-    """A row stride passed in 16-byte units, in items: the compiler sees a multiple of 16 bytes."""
-    return stride_v16.to(tl.int64) * (16 // ITEM_BYTES)
+def _rows(PTR, stride_v16):
+    """A stride of ``PTR``'s rows passed in 16-byte units, in items: the compiler sees a multiple of 16 bytes."""
+    return stride_v16.to(tl.int64) * (16 // (PTR.dtype.element_ty.primitive_bitwidth // 8))
+
+
+@triton.jit
+def _program(H, NQ, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr):
+    """This program's (batch, head) and query rows (64-bit), with their mask (folded away with ``EVEN_M``)."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, (offs_m < NQ) | EVEN_M
+
+
+@triton.jit
+def _items_per_block(MAP_FORMAT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stored items per row and key block: two 4-bit codes per byte."""
+    return BLOCK_N // 2 if MAP_FORMAT == MAP_E2M2 else BLOCK_N
 
 
 @triton.jit
@@ -167,19 +181,13 @@ def cached_pv_kernel(
     splits the head dim into columns ``[0, BLOCK_D)`` and ``[BLOCK_D, BLOCK_D + BLOCK_D2)``, two dots on the
     same decoded map tile: d = 40, 80, 160 cost 48, 80, 160 columns of tensor-core work instead of 64, 128,
     256. The next block's factors load one iteration ahead."""
-    A_ITEM: tl.constexpr = A.dtype.element_ty.primitive_bitwidth // 8
-    V_ITEM: tl.constexpr = V.dtype.element_ty.primitive_bitwidth // 8
-    O_ITEM: tl.constexpr = O.dtype.element_ty.primitive_bitwidth // 8
-    A_STEP: tl.constexpr = BLOCK_N // 2 if MAP_FORMAT == MAP_E2M2 else BLOCK_N  # items per row per key block
-    pid_bh = tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = (offs_m < NQ) | EVEN_M  # EVEN_*: no partial tiles, the masks fold away
+    A_STEP: tl.constexpr = _items_per_block(MAP_FORMAT, BLOCK_N)
+    b, h, offs_m, mask_m = _program(H, NQ, BLOCK_M, EVEN_M)  # EVEN_*: no partial tiles, the masks fold away
     offs_n = tl.arange(0, BLOCK_N)
     offs_i = tl.arange(0, A_STEP)
     offs_d = tl.arange(0, BLOCK_D)
-    a_ptrs = A + b * _rows(sa_b, A_ITEM) + h * _rows(sa_h, A_ITEM) + offs_m[:, None] * _rows(sa_m, A_ITEM) + offs_i[None, :]
-    v_row = V + b * _rows(sv_b, V_ITEM) + h * HEAD_DIM + offs_n[:, None].to(tl.int64) * _rows(sv_n, V_ITEM)
+    a_ptrs = A + b * _rows(A, sa_b) + h * _rows(A, sa_h) + offs_m[:, None] * _rows(A, sa_m) + offs_i[None, :]
+    v_row = V + b * _rows(V, sv_b) + h * HEAD_DIM + offs_n[:, None].to(tl.int64) * _rows(V, sv_n)
     x_ptrs = BMAX + b * sx_b + h * sx_h + offs_m
     lse = tl.load(LSE + b * sl_b + h * sl_h + offs_m, mask=mask_m, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -202,8 +210,8 @@ def cached_pv_kernel(
             v2 = tl.load(v_row + d2[None, :], mask=key_ok[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0)
             acc2 += tl.dot(a, v2.to(DOT_DTYPE), input_precision=PRECISION) * f[:, None]
         a_ptrs += A_STEP
-        v_row += BLOCK_N * _rows(sv_n, V_ITEM)
-    o_row = O + b * _rows(so_b, O_ITEM) + h * HEAD_DIM + offs_m[:, None] * _rows(so_m, O_ITEM)
+        v_row += BLOCK_N * _rows(V, sv_n)
+    o_row = O + b * _rows(O, so_b) + h * HEAD_DIM + offs_m[:, None] * _rows(O, so_m)
     out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)
     tl.store(o_row + offs_d[None, :], (acc * out_scale).to(O.dtype.element_ty),
              mask=mask_m[:, None] & (offs_d < HEAD_DIM)[None, :])
@@ -234,29 +242,21 @@ def capture_kernel(
     with m_blk, and enters the online softmax of the output rescaled by exp2(m_blk − m_running). The last
     block writes the row's padding (keys past Nk) as zeros. ``BLOCK_D2 > 0`` splits the head dim as
     ``cached_pv`` does (two dots for Q·Kᵀ and for P·V; the accumulators then fit in registers at d = 160)."""
-    Q_ITEM: tl.constexpr = Q.dtype.element_ty.primitive_bitwidth // 8
-    K_ITEM: tl.constexpr = K.dtype.element_ty.primitive_bitwidth // 8
-    V_ITEM: tl.constexpr = V.dtype.element_ty.primitive_bitwidth // 8
-    O_ITEM: tl.constexpr = O.dtype.element_ty.primitive_bitwidth // 8
-    A_ITEM: tl.constexpr = A.dtype.element_ty.primitive_bitwidth // 8
-    A_STEP: tl.constexpr = BLOCK_N // 2 if MAP_FORMAT == MAP_E2M2 else BLOCK_N
-    pid_bh = tl.program_id(1)
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = (offs_m < NQ) | EVEN_M  # EVEN_*: no partial tiles, the masks fold away
+    A_STEP: tl.constexpr = _items_per_block(MAP_FORMAT, BLOCK_N)
+    b, h, offs_m, mask_m = _program(H, NQ, BLOCK_M, EVEN_M)  # EVEN_*: no partial tiles, the masks fold away
     offs_n = tl.arange(0, BLOCK_N)
     offs_i = tl.arange(0, A_STEP)
     d1 = tl.arange(0, BLOCK_D)
-    q_row = Q + b * _rows(sq_b, Q_ITEM) + h * HEAD_DIM + offs_m[:, None] * _rows(sq_m, Q_ITEM)
-    k_col = K + b * _rows(sk_b, K_ITEM) + h * HEAD_DIM + offs_n[None, :].to(tl.int64) * _rows(sk_n, K_ITEM)
-    v_row = V + b * _rows(sv_b, V_ITEM) + h * HEAD_DIM + offs_n[:, None].to(tl.int64) * _rows(sv_n, V_ITEM)
+    q_row = Q + b * _rows(Q, sq_b) + h * HEAD_DIM + offs_m[:, None] * _rows(Q, sq_m)
+    k_col = K + b * _rows(K, sk_b) + h * HEAD_DIM + offs_n[None, :].to(tl.int64) * _rows(K, sk_n)
+    v_row = V + b * _rows(V, sv_b) + h * HEAD_DIM + offs_n[:, None].to(tl.int64) * _rows(V, sv_n)
     q1 = tl.load(q_row + d1[None, :], mask=mask_m[:, None] & (d1 < HEAD_DIM)[None, :], other=0.0).to(DOT_DTYPE)
     acc1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if BLOCK_D2 > 0:
         d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         q2 = tl.load(q_row + d2[None, :], mask=mask_m[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0).to(DOT_DTYPE)
         acc2 = tl.zeros((BLOCK_M, BLOCK_D2), dtype=tl.float32)
-    a_ptrs = A + b * _rows(sa_b, A_ITEM) + h * _rows(sa_h, A_ITEM) + offs_m[:, None] * _rows(sa_m, A_ITEM) + offs_i[None, :]
+    a_ptrs = A + b * _rows(A, sa_b) + h * _rows(A, sa_h) + offs_m[:, None] * _rows(A, sa_m) + offs_i[None, :]
     x_ptrs = BMAX + b * sx_b + h * sx_h + offs_m
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -291,13 +291,13 @@ def capture_kernel(
             v2 = tl.load(v_row + d2[None, :], mask=key_ok[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0)
             acc2 = tl.dot(pb, v2.to(DOT_DTYPE), acc2 * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
-        k_col += BLOCK_N * _rows(sk_n, K_ITEM)
-        v_row += BLOCK_N * _rows(sv_n, V_ITEM)
+        k_col += BLOCK_N * _rows(K, sk_n)
+        v_row += BLOCK_N * _rows(V, sv_n)
         a_ptrs += A_STEP
         x_ptrs += NQ
     lse = m_i + tl.math.log2(l_stored * _stored_scale(MAP_FORMAT) if STORED_SUMS else l_i)
     tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=mask_m)
-    o_row = O + b * _rows(so_b, O_ITEM) + h * HEAD_DIM + offs_m[:, None] * _rows(so_m, O_ITEM)
+    o_row = O + b * _rows(O, so_b) + h * HEAD_DIM + offs_m[:, None] * _rows(O, so_m)
     tl.store(o_row + d1[None, :], (acc1 / l_i[:, None]).to(O.dtype.element_ty),
              mask=mask_m[:, None] & (d1 < HEAD_DIM)[None, :])
     if BLOCK_D2 > 0:
