@@ -9,7 +9,7 @@ UNet never see each other's maps.
 
 Who drives the clock, best first:
 
-* a patched pipeline's progress bar (:mod:`attnreuse.sampler`): the sampler's own step count;
+* a patched pipeline's progress bar (:mod:`attnreuse.progress_clock`): the sampler's own step count;
 * ``handle.generation(num_steps)`` with ``gen.step(i)`` in a loop of the user's own;
 * otherwise a guess from the UNet's calls (:meth:`Clock.guess`), per thread: a call at a lower
   timestep is the next step; a call at the same timestep with the very same sample tensor object is a

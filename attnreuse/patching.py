@@ -13,7 +13,7 @@ from .clock import Clock, Generation
 from .config import LayerPolicy, ReuseConfig
 from .planner import LayerPlan, auto_formats, layer_shapes, make_plan, measured_cost
 from .processor import MapReuseProcessor, OutputReuseProcessor, check_supported
-from .sampler import ProgressClock
+from .progress_clock import ProgressClock
 from .schedule import Action, ScheduleLike, actions
 
 _HANDLE_ATTR = "_attnreuse_handle"
@@ -26,7 +26,7 @@ def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_
     Args:
         model: a diffusers ``UNet2DConditionModel`` or DiT transformer whose attention runs diffusers'
             ``AttnProcessor2_0`` (PixArt-α/Σ), or a pipeline with one as ``.unet`` / ``.transformer`` (then the
-            pipeline's progress bar drives the steps: see :mod:`attnreuse.sampler`).
+            pipeline's progress bar drives the steps: see :mod:`attnreuse.progress_clock`).
         schedule, layers, cache_dtype, max_cache_bytes, backend, target: see :class:`attnreuse.ReuseConfig`.
 
     Returns a :class:`ReuseHandle` (also a context manager that unpatches on exit). Patching a patched

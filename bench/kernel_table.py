@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from attnreuse.harness import SHAPES, bench_ms, copy_bandwidth, model_attention_shapes
 from attnreuse.kernels import CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.triton_ops import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
+from attnreuse.kernels.custom_ops import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
 from attnreuse.kernels.tuning import RULES, VARIANTS
 
 MAP_FORMATS = {"16": "fp16", "8": "fp8"}  # the table's columns; --fp4 adds "4"

@@ -67,9 +67,9 @@ def test_generation_line_counts_steps_by_schedule():
 
 SMOKE = """
 import torch
-import attnreuse.kernels.ops as ops
+import attnreuse.kernels.api as api
 from bench import kernel_table as kt
-ops._use_triton = lambda *args: True  # the Triton path on CPU tensors
+api._use_triton = lambda *args: True  # the Triton path on CPU tensors
 kt.DEVICE, kt.bench_ms = "cpu", lambda fn: (fn(), 1.0)[1]
 kt.MAP_FORMATS["4"] = "fp4"
 shape = (1, 2, 20, 150, 40)

@@ -9,7 +9,7 @@ import torch
 from attnreuse.kernels import KEY_BLOCK, CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
 from attnreuse.kernels.storage import data_shape, num_blocks
-from attnreuse.kernels.triton_ops import cached_pv_op, capture_op, launch_cached_pv, launch_capture
+from attnreuse.kernels.custom_ops import cached_pv_op, capture_op, launch_cached_pv, launch_capture
 from tests.helpers import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,8 +101,8 @@ def test_capture(shape, fmt):
 def test_what_the_kernels_do_not_take_runs_the_reference_path(monkeypatch, dtype, head_dim):
     """The kernels take fp16/bf16 activations and head dims up to 128; the rest runs PyTorch's path with backend
     'auto', and asking for the kernels names the fix."""
-    from attnreuse.kernels import ops
-    monkeypatch.setattr(ops, "backend_available", lambda: True)
+    from attnreuse.kernels import api
+    monkeypatch.setattr(api, "backend_available", lambda: True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as if these were CUDA tensors
     launched = []
     monkeypatch.setattr(torch.ops.attnreuse, "capture", lambda *a: launched.append(a))
@@ -180,8 +180,8 @@ def test_public_api_checks_inputs_once():
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
 def test_public_api_compiles_without_graph_breaks(monkeypatch, fmt):
     """The path a patched UNet takes under torch.compile: validation, the ops, CachedMap, in one graph."""
-    from attnreuse.kernels import ops
-    monkeypatch.setattr(ops, "_use_triton", lambda *args: True)  # the Triton path on CPU tensors (interpreter)
+    from attnreuse.kernels import api
+    monkeypatch.setattr(api, "_use_triton", lambda *args: True)  # the Triton path on CPU tensors (interpreter)
     shape = (1, 2, 20, 30, 16)
     q, k, v = inputs(shape)
 

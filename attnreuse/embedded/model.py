@@ -85,7 +85,7 @@ class DigitsPipeline(DiffusionPipeline):
         context = self.class_tokens(torch.cat([torch.full_like(classes, NULL_CLASS), classes])).to(dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents * self.scheduler.init_noise_sigma
-        # the progress bar is how a patched pipeline counts its steps (attnreuse.sampler)
+        # the progress bar is how a patched pipeline counts its steps (attnreuse.progress_clock)
         with self.progress_bar(total=len(self.scheduler.timesteps)) as progress:
             for t in self.scheduler.timesteps:
                 x = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)

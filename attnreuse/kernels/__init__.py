@@ -5,7 +5,7 @@ registry of map formats (:mod:`.formats`).
 """
 from . import formats
 from .formats import FP4, FP8, MapFormat
-from .ops import BACKENDS, backend_available, cached_pv, capture
+from .api import BACKENDS, backend_available, cached_pv, capture
 from .storage import KEY_BLOCK, CachedMap, storage_nbytes
 
 __all__ = ["BACKENDS", "CachedMap", "FP4", "FP8", "KEY_BLOCK", "MapFormat", "backend_available", "cached_pv",

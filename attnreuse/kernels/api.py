@@ -47,7 +47,7 @@ def _check_heads(x: torch.Tensor, heads: int, what: str) -> None:
 def backend_available() -> bool:
     """Whether the Triton kernels can run here (Triton importable and a CUDA device present)."""
     try:
-        from . import triton_ops  # noqa: F401  (imports triton)
+        from . import custom_ops  # noqa: F401  (imports triton)
     except ImportError:
         return False
     return torch.cuda.is_available()

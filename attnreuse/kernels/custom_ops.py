@@ -1,5 +1,5 @@
 """The Triton kernels as ``torch.library`` custom ops (so ``torch.compile`` and CUDA graphs see them), and their
-launches. Inputs are checked once, in :mod:`.ops`; here they are only laid out for the kernels: ``[B, N, H·D]``
+launches. Inputs are checked once, in :mod:`.api`; here they are only laid out for the kernels: ``[B, N, H·D]``
 rows whose strides are whole 16-byte units (anything else is first copied into such a buffer), the map format
 as its registry name. fp8 and 4-bit maps cross the op boundary as uint8 bytes: PyTorch's CPU kernels, which
 the op checks run, know no arithmetic on their dtypes.
