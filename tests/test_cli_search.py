@@ -3,7 +3,6 @@ agree, a killed search resumes to the identical result, and every wrong input is
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -58,10 +57,9 @@ def test_search_writes_schedule_plot_and_trace(tiny):
 
 def test_two_gloo_processes_give_the_identical_schedule_and_trace(tiny):
     root, args = tiny
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "attnreuse", "search",
-                           *args, "--out", str(root / "two")], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*torchrun, "-m", "attnreuse", "search", *args, "--out", str(root / "two")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = json.loads((root / "two" / "schedule.json").read_text())
     assert two["processes"] == 2
@@ -75,7 +73,7 @@ def test_killed_search_resumes_to_the_identical_result(tiny):
                             stderr=subprocess.DEVNULL)
     trace, done = out / "trace.json", 0
     deadline = time.time() + 120
-    while done < 4 and proc.poll() is None and time.time() < deadline:  # kill after a few scored candidates
+    while done < 2 and proc.poll() is None and time.time() < deadline:  # kill after a few scored candidates
         time.sleep(0.02)
         if trace.exists():
             done = sum(None not in e["psnr"] for e in json.loads(trace.read_text())["evaluated"])
@@ -109,7 +107,7 @@ def test_resume_from_a_partial_trace_and_with_more_rounds(tiny):
 def test_embedded_model_search(tmp_path):
     found = cli(["search", "--model", "embedded", "--steps", "6", "--reuse", "2", "--max-rounds", "1",
                  "--out", str(tmp_path)])
-    assert found["model"] == "embedded" and found["calibration"]["prompts"] == list(range(10))
+    assert found["model"] == "embedded" and found["calibration"]["prompts"] == [0, 2, 3, 5, 7, 8]
     assert found["resolution"] == [8, 8] and found["utility_db"] >= found["start_utility_db"]
 
 

@@ -94,11 +94,15 @@ def check(args):
         if not torch.cuda.is_available():
             raise UsageError("--update-measured needs a GPU: ρ is a CUDA-graph measurement",
                              "run bench on a GPU, or drop --update-measured")
+        target = Path(args.update_measured)
         try:
-            json.loads(Path(args.update_measured).read_text())["rho"]
+            json.loads(target.read_text())["rho"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"--update-measured {args.update_measured}: not a measured.json ({e})",
+            raise UsageError(f"--update-measured {target}: not a measured.json ({e})",
                              "pass attnreuse/measured.json or a copy of it") from None
+        if not os.access(target.parent, os.W_OK):  # an installed package's folder may be read-only
+            raise UsageError(f"--update-measured {target}: its folder is not writable",
+                             "pass a writable copy: --update-measured my_measured.json")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

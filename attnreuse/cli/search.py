@@ -108,35 +108,38 @@ def check(args, world: World) -> Plan:
            "batch_size": calibration.batch_size, "device": device.type}
     out = Path(args.out).expanduser()
     trace = check_out(out, args.resume, key) if world.first else None  # only rank 0 touches OUT
+    if not world.first:
+        diffusers.utils.logging.disable_progress_bar()  # one set of loading bars, rank 0's
     model = load_model(args, device, dtype, resolution)
     return Plan(args, model, calibration, key, out, trace)
 
 
 def check_out(out: Path, resume: bool, key: dict) -> Trace | None:
-    """The output folder (created if missing) and, for --resume, its trace of the same search."""
+    """The output folder (created if missing, once all else is checked) and, for --resume, its trace of the
+    same search."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "pass a folder (created if missing)")
+    path = out / "trace.json"
+    trace = None
+    if resume:
+        if not path.exists():
+            raise UsageError(f"--resume: {path} does not exist", "run without --resume to start a search")
+        trace = Trace.read(path)
+        for field, flag in KEY_FLAGS.items():
+            old, new = trace.key.get(field), key[field]
+            if old != new:
+                raise UsageError(f"--resume: {path} is a search with {field} {_short(old)}, not {_short(new)}",
+                                 f"pass the same {flag} to continue it, or another --out for a new search")
+        trace.images = len(key["prompts"]) * len(key["seeds"])
+    elif path.exists():
+        raise UsageError(f"--out {out} holds a search already ({path.name})",
+                         "pass --resume to continue it, or another --out (or delete it) to start over")
     try:
         out.mkdir(parents=True, exist_ok=True)
         files.write_bytes(out / ".write-test", b"")
         (out / ".write-test").unlink()
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror})", "pass a writable folder") from None
-    path = out / "trace.json"
-    if not resume:
-        if path.exists():
-            raise UsageError(f"--out {out} holds a search already ({path.name})",
-                             "pass --resume to continue it, or another --out (or delete it) to start over")
-        return None
-    if not path.exists():
-        raise UsageError(f"--resume: {path} does not exist", "run without --resume to start a search")
-    trace = Trace.read(path)
-    for field, flag in KEY_FLAGS.items():
-        old, new = trace.key.get(field), key[field]
-        if old != new:
-            raise UsageError(f"--resume: {path} is a search with {field} {_short(old)}, not {_short(new)}",
-                             f"pass the same {flag} to continue it, or another --out for a new search")
-    trace.images = len(key["prompts"]) * len(key["seeds"])
     return trace
 
 
@@ -245,12 +248,14 @@ def run(plan: Plan, world: World) -> dict | None:
 def main(argv=None) -> dict | None:
     args = build_parser().parse_args(argv)
     world = World()
+    threads = torch.get_num_threads()
     try:
-        plan = check(args, world)
-    except UsageError as e:
-        fail("search", e)
-    world.start()
-    try:
+        try:
+            plan = check(args, world)
+        except UsageError as e:
+            fail("search", e)
+        world.start()
         return run(plan, world)
     finally:
         world.stop()
+        torch.set_num_threads(threads)  # check() set one thread on a CPU; a caller in this process gets its own back
