@@ -240,7 +240,7 @@ def test_bad_arguments():
     unet = make_unet("sd15")
     with pytest.raises(TypeError, match="no diffusers Attention layers"):
         attnreuse.patch(torch.nn.Linear(2, 2), "10")
-    with pytest.raises(TypeError, match="pipeline with a .unet"):
+    with pytest.raises(TypeError, match=r"pipeline with one \(.unet / .transformer\)"):
         attnreuse.patch(object(), "10")
     with pytest.raises(ValueError, match="cache_dtype='int8'"):
         attnreuse.patch(unet, "10", cache_dtype="int8")
