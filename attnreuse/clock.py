@@ -30,7 +30,7 @@ import weakref
 import torch
 
 from .cache import MapCache
-from .schedule import Action, FixedSchedule, Schedule, actions, to_string
+from .schedule import Action, FixedSchedule, Schedule, actions, step_counts, to_string
 
 
 class Generation:
@@ -47,8 +47,7 @@ class Generation:
         self.schedule = schedule
         self.actions = actions(schedule)
         self.num_steps = len(schedule)
-        self.n_reuse = self.actions.count(Action.REUSE)
-        self.n_capture = self.actions.count(Action.CAPTURE)
+        self.counts = step_counts(self.actions)
         self.guessed = guessed
         self.cache = MapCache(clock.max_cache_bytes)
         self.step_index = 0
@@ -94,7 +93,7 @@ class Generation:
 
     def __exit__(self, exc_type, *exc) -> None:
         # As many UNet calls as steps, all in step 0: gen.step(i) was forgotten, and nothing was reused.
-        stuck = exc_type is None and not self.held and self.step_index == 0 and self.n_reuse and \
+        stuck = exc_type is None and not self.held and self.step_index == 0 and self.counts.reuse and \
             self.calls >= self.num_steps
         self.end()
         if stuck:

@@ -13,6 +13,12 @@ LayerSelector = Union[str, Callable[[str], bool]]
 LAYER_CHOICES = ("all", "self", "cross")
 TARGETS = ("map", "output")
 
+
+def resolve_format(cache_dtype: MapFormat | None, values_dtype: torch.dtype) -> MapFormat:
+    """The map format for values of ``values_dtype``: the one chosen, ``None`` meaning the values' own dtype."""
+    return cache_dtype or formats.get(values_dtype)
+
+
 def as_cache_dtype(value) -> MapFormat | str | None:
     """``None`` (the model's dtype), ``"auto"``, a map format's name (``"fp16"``, ``"fp8"``, ``"fp4"``, ...), a
     registered :class:`~attnreuse.kernels.MapFormat`, or a torch dtype naming one."""
@@ -103,5 +109,4 @@ class LayerPolicy:
     map_format: MapFormat | None = None
 
     def format_for(self, values_dtype: torch.dtype) -> MapFormat:
-        """The map format for values of ``values_dtype``: the one chosen, else the values' own dtype."""
-        return self.map_format or formats.get(values_dtype)
+        return resolve_format(self.map_format, values_dtype)

@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
 import warnings
 
 import torch
 from diffusers.models.attention_processor import Attention
 
 from .clock import Clock, Generation
-from .config import LayerPolicy, ReuseConfig
-from .planner import LayerPlan, auto_formats, layer_shapes, make_plan, measured_cost
+from .config import ReuseConfig
+from .hooks import Processors, UnetCalls
+from .planner import LayerPlan
+from .plans import PlanKey, Plans
 from .processor import MapReuseProcessor, OutputReuseProcessor, check_supported
 from .progress_clock import ProgressClock
-from .schedule import Action, ScheduleLike, actions
+from .schedule import ScheduleLike, actions, step_counts
 
 _HANDLE_ATTR = "_attnreuse_handle"
 
@@ -104,29 +104,21 @@ class _LayerNames:
 
 
 class ReuseHandle:
-    """A live patch: the clock (steps, per-thread generations), the plan, and the way back (:meth:`remove`)."""
+    """A live patch: the clock (steps, per-thread generations), the plans, and the way back (:meth:`remove`).
+
+    ``plans`` (None unless ``max_cache_bytes`` or ``cache_dtype="auto"``) holds one per-layer plan per kind of
+    input; its ``cost`` attribute is the cost model they are made with (measured on the device by default).
+    """
 
     def __init__(self, unet: torch.nn.Module, config: ReuseConfig, layers: dict[str, Attention], pipes=()):
         self.unet = unet
         self.config = config
         self.clock = Clock(config.schedule, config.max_cache_bytes)
-        # Plans and their policies by input shape, dtype, device and step counts: each generation uses its own.
-        self._plans: dict[tuple, list[LayerPlan]] = {}
-        self._policies: dict[tuple, dict[str, LayerPolicy]] = {}
-        self._plan_key: tuple | None = None  # the plan made last
-        self._originals = {name: m.processor for name, m in layers.items()}
-        self._fixed_policies = dict.fromkeys(layers, config.fixed_policy())
+        self.plans = Plans(unet, tuple(layers), config) if config.planned else None
         kind = OutputReuseProcessor if config.target == "output" else MapReuseProcessor
-        self._modules = dict(layers)
-        self._installed = {name: kind(name, m.processor, self.clock, config.backend) for name, m in layers.items()}
-        for name, m in layers.items():
-            m.set_processor(self._installed[name])
+        self._processors = Processors(layers, lambda name, proc: kind(name, proc, self.clock, config.backend))
         self.clock.on_begin = self.check_installed
-        # forward's parameter names: UNets take (sample, timestep, encoder_hidden_states, ...), DiT transformers
-        # (hidden_states, encoder_hidden_states, timestep, ...); either may come by position or by keyword
-        self._params = list(inspect.signature(type(unet).forward).parameters)[1:]
-        self._hooks = (unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True),
-                       unet.register_forward_hook(self._after_unet_call))
+        self._calls = UnetCalls(unet, self.clock, self.plans, dict.fromkeys(layers, config.fixed_policy()))
         self._pipes: list = []
         setattr(unet, _HANDLE_ATTR, self)
         for pipe in pipes:
@@ -137,7 +129,7 @@ class ReuseHandle:
     @property
     def layers(self) -> tuple[str, ...]:
         """Names of the patched attention layers."""
-        return tuple(self._originals)
+        return tuple(self._processors.originals)
 
     @property
     def current(self) -> Generation | None:
@@ -174,7 +166,7 @@ class ReuseHandle:
     @property
     def plan(self) -> list[LayerPlan] | None:
         """The per-layer plan made last (``max_cache_bytes`` or ``cache_dtype="auto"``), else None."""
-        return self._plans.get(self._plan_key)
+        return None if self.plans is None else self.plans.latest
 
     # ---- what users call --------------------------------------------------------------------------------
 
@@ -198,12 +190,15 @@ class ReuseHandle:
         pipe.progress_bar = ProgressClock(self.clock, pipe)  # an instance attribute: the class stays
         self._pipes.append(pipe)
 
-    def prepare(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, num_steps: int) -> list[LayerPlan]:
+    def prepare(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                num_steps: int) -> list[LayerPlan] | None:
         """Make the per-layer plan (kernel timing) for UNet inputs like these, ahead of sampling: needed
-        before a compiled UNet runs with ``max_cache_bytes`` or ``cache_dtype="auto"``."""
-        acts = actions(self.config.schedule.resolve(num_steps))
-        key = self._key(sample, encoder_hidden_states, acts.count(Action.REUSE), acts.count(Action.CAPTURE))
-        self._make_plan(key, sample, encoder_hidden_states.shape[1])
+        before a compiled UNet runs with ``max_cache_bytes`` or ``cache_dtype="auto"``. Without either,
+        nothing plans: returns None."""
+        if self.plans is None:
+            return None
+        steps = step_counts(actions(self.config.schedule.resolve(num_steps)))
+        self.plans.make(PlanKey.of(sample, encoder_hidden_states, steps))
         return self.plan
 
     def reset(self) -> None:
@@ -214,14 +209,7 @@ class ReuseHandle:
         """Raise if something replaced this patch's processors (``enable_attention_slicing``,
         ``fuse_qkv_projections``, ``load_ip_adapter``, any ``set_attn_processor``): reuse would stop silently.
         Runs at the start of every generation, outside the UNet's forward."""
-        changed = [name for name, proc in self._installed.items() if self._modules[name].processor is not proc]
-        if changed:
-            found = self._modules[changed[0]].processor
-            raise RuntimeError(
-                f"attnreuse: the processors of {len(changed)} patched attention layer(s) were replaced after patching "
-                f"({changed[0]} now runs {type(found).__name__}), so they would no longer reuse maps: call "
-                "attnreuse.patch(...) again after changes like enable_attention_slicing(), fuse_qkv_projections() "
-                "or load_ip_adapter() (with IP-Adapters, layers='self'), or make the change before patching")
+        self._processors.check()
 
     def remove(self) -> None:
         """Undo the patch: original processors on every layer that still runs this patch's (a layer whose processor
@@ -229,25 +217,17 @@ class ReuseHandle:
         self._uninstall(warn=True)
 
     def _original(self, name: str, module: Attention):
-        """The processor layer ``name`` had before this patch, or what replaced this patch's there since."""
-        current = module.processor
-        return self._originals[name] if name in self._installed and current is self._installed[name] else current
+        return self._processors.original(name, module)
 
     def _uninstall(self, warn: bool) -> None:
         if getattr(self.unet, _HANDLE_ATTR, None) is not self:
             return
-        kept = []
-        for name, original in self._originals.items():
-            if self._modules[name].processor is self._installed[name]:
-                self._modules[name].set_processor(original)
-            else:
-                kept.append(name)
+        kept = self._processors.restore()
         if kept and warn:
             warnings.warn(f"attnreuse: unpatch left {len(kept)} layer(s) alone whose processors were replaced after "
-                          f"patching ({kept[0]} runs {type(self._modules[kept[0]].processor).__name__}); the rest "
-                          "got their original processors back", stacklevel=3)
-        for hook in self._hooks:
-            hook.remove()
+                          f"patching ({kept[0]} runs {type(self._processors.modules[kept[0]].processor).__name__}); "
+                          "the rest got their original processors back", stacklevel=3)
+        self._calls.remove()
         for pipe in self._pipes:
             own = pipe.__dict__.get("progress_bar")
             if isinstance(own, ProgressClock) and own.clock is self.clock:
@@ -271,48 +251,3 @@ class ReuseHandle:
         if callable(self.config.layers):  # a lambda would not pickle; the names it chose do
             state["config"] = dataclasses.replace(self.config, layers=_LayerNames(self.layers))
         return state
-
-    # ---- the UNet's pre-hook (traced by torch.compile: no host sync on a marked generation) -------------
-
-    def _argument(self, name: str, args, kwargs):
-        if name in kwargs:
-            return kwargs[name]
-        i = self._params.index(name)
-        return args[i] if i < len(args) else None
-
-    def _on_unet_call(self, module, args, kwargs):
-        sample = self._argument(self._params[0], args, kwargs)  # sample (UNet) or hidden_states (DiT)
-        gen = self.clock.for_call(sample, self._argument("timestep", args, kwargs))
-        if not self.config.planned:
-            gen.policies = self._fixed_policies
-            return
-        context = self._argument("encoder_hidden_states", args, kwargs)
-        key = self._key(sample, context, gen.n_reuse, gen.n_capture)
-        if key not in self._policies:
-            if torch.compiler.is_compiling():
-                raise RuntimeError(
-                    "attnreuse: max_cache_bytes / cache_dtype='auto' need a plan (kernel timing) for input "
-                    f"{tuple(sample.shape)}, which cannot be made inside torch.compile: call "
-                    "handle.prepare(sample, encoder_hidden_states, num_steps) before the compiled UNet runs")
-            self._make_plan(key, sample, context.shape[1])
-        gen.policies = self._policies[key]
-
-    def _after_unet_call(self, module, args, output):
-        self.clock.after_call()
-
-    @staticmethod
-    def _key(sample: torch.Tensor, context: torch.Tensor, n_reuse: int, n_capture: int) -> tuple:
-        return (tuple(sample.shape), context.shape[1], sample.dtype, sample.device, n_reuse, n_capture)
-
-    def _make_plan(self, key: tuple, sample: torch.Tensor, context_tokens: int) -> None:
-        """Make the plan for ``key`` (once) and the per-layer policies it gives."""
-        if key not in self._plans:
-            shapes = layer_shapes(self.unet, self.layers, key[0], context_tokens)
-            fmt = self.config.cache_dtype
-            candidates = auto_formats(sample.dtype) if fmt == "auto" else (LayerPolicy(True, fmt).format_for(sample.dtype),)
-            budget = self.config.max_cache_bytes
-            self._plans[key] = make_plan(
-                shapes, measured_cost(sample.device, sample.dtype, self.config.backend), candidates,
-                n_reuse=key[4], n_capture=key[5], max_bytes=math.inf if budget is None else budget)
-            self._policies[key] = {p.name: LayerPolicy(reuse=p.reuse, map_format=p.format) for p in self._plans[key]}
-        self._plan_key = key

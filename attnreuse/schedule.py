@@ -9,7 +9,7 @@ maps because the next step reuses them), ``REUSE`` (``O = A_cached · V``).
 from __future__ import annotations
 
 from enum import Enum
-from typing import Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 
 class Action(Enum):
@@ -148,6 +148,17 @@ def actions(schedule: Sequence[int]) -> tuple[Action, ...]:
         else:
             out.append(Action.COMPUTE)
     return tuple(out)
+
+
+class StepCounts(NamedTuple):
+    """How many steps of a generation reuse maps and how many capture them: what a plan's saving depends on."""
+
+    reuse: int
+    capture: int
+
+
+def step_counts(steps: Sequence[Action]) -> StepCounts:
+    return StepCounts(steps.count(Action.REUSE), steps.count(Action.CAPTURE))
 
 
 def to_string(schedule: Sequence[int]) -> str:

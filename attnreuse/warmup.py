@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .harness import MODELS, model_attention_shapes
+from .architectures import CONFIGS, attention_shapes
 from .kernels import formats
 
 _MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the Triton kernels' activations
@@ -21,7 +21,7 @@ _MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the Triton ke
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="attnreuse warmup", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(MODELS), default="sd15", help="UNet whose attention shapes to compile")
+    ap.add_argument("--model", choices=sorted(CONFIGS), default="sd15", help="UNet whose attention shapes to compile")
     ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (a multiple of 64)")
     ap.add_argument("--cache-dtype", nargs="+", default=["fp8"],
                     choices=[f.name for f in formats.formats() if f.kernel is not None],
@@ -42,7 +42,7 @@ def warm(model: str, resolution: int, cache_dtypes: list[str], dtype: torch.dtyp
 
     total = 0.0
     for fmt in cache_dtypes:
-        for (b, h, nq, nk, d), layers in model_attention_shapes(model, resolution, batch).items():
+        for (b, h, nq, nk, d), layers in attention_shapes(model, resolution, batch).items():
             q = torch.randn(b, nq, h * d, device="cuda", dtype=dtype)
             k, v = (torch.randn(b, nk, h * d, device="cuda", dtype=dtype) for _ in range(2))
             torch.cuda.synchronize()

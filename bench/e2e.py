@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -22,26 +23,19 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import attnreuse
-from attnreuse.harness import copy_bandwidth, graphed, median_ms
+from attnreuse.architectures import CONFIGS as PUBLIC_CONFIGS, TEXT_TOKENS
+from attnreuse.timing import graphed, median_ms
 
-_SD_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                  block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-CONFIGS = {  # the public UNet configs (architecture only)
-    "sd15": dict(_SD_BLOCKS, cross_attention_dim=768, attention_head_dim=8),
-    "sd21": dict(_SD_BLOCKS, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                 use_linear_projection=True),
-    "sdxl": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
-                 cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816),
-    "tiny": dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
-                 layers_per_block=1, norm_num_groups=16, cross_attention_dim=32, attention_head_dim=4),
-}
-TEXT_TOKENS = 77
+if __package__ in (None, ""):  # run as a file: python bench/e2e.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
+
+from bench.measure import copy_bandwidth  # noqa: E402
+
+CONFIGS = dict(PUBLIC_CONFIGS, tiny=dict(  # tiny: the CPU dry run
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+    layers_per_block=1, norm_num_groups=16, cross_attention_dim=32, attention_head_dim=4))
 CASES = [("sd15", 512), ("sd15", 768), ("sd15", 1024), ("sd21", 768), ("sdxl", 1024)]
 DEEPCACHE_INTERVAL = 3
 PHAST_SD15 = "11111111010001000000"  # the paper's PHAST-10 for SD1.5, 20-step DDIM

@@ -16,16 +16,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from attnreuse.harness import SHAPES, bench_ms, copy_bandwidth, model_attention_shapes
+from attnreuse.architectures import attention_shapes
 from attnreuse.kernels import CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
 from attnreuse.kernels.custom_ops import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
 from attnreuse.kernels.tuning import RULES, VARIANTS
+
+if __package__ in (None, ""):  # run as a file: python bench/kernel_table.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
+
+from bench.measure import SHAPES, bench_ms, copy_bandwidth  # noqa: E402
 
 MAP_FORMATS = {"16": "fp16", "8": "fp8"}  # the table's columns; --fp4 adds "4"
 SAGE_HEAD_DIMS = (64, 96, 128)  # sageattention 1.0.6 asserts headdim in [64, 96, 128] (core.py)
@@ -110,7 +117,7 @@ def measure(shape, bw, errors: bool = True) -> dict:
 
 def generation(bw, measured: dict, model: str = "sd15", px: int = 512, steps: int = 20) -> dict:
     """Attention-kernel ms of a whole ``steps``-step generation, per method; ``measured``: shape -> row (reused)."""
-    shapes = model_attention_shapes(model, px)
+    shapes = attention_shapes(model, px)
     for shape in shapes:
         if shape not in measured:
             measured[shape] = measure(shape, bw, errors=False)

@@ -17,7 +17,7 @@ of the tile's time on one SM:
   waits for at least, and whether instruction issue hides under the memory stream.
 
 Card constants (:data:`CARDS`): copy bandwidth and matmul rate measured on the H200 and H100
-(``attnreuse.harness.copy_bandwidth`` and an fp16 ``torch.mm``, ../shared/anchors/*-kernels-2026-11.json);
+(``bench.measure.copy_bandwidth`` and an fp16 ``torch.mm``, ../shared/anchors/*-kernels-2026-11.json);
 elsewhere 0.9 × the data sheet's bandwidth (the two measured Hopper cards reach 0.89 and 0.90 of theirs) and
 the data sheet's dense fp16 rate with fp32 accumulation; SM counts and boost clocks from the data sheets.
 Each architecture's budget card is the one with the most bandwidth per SM and cycle, where instruction issue
@@ -111,11 +111,11 @@ def blocks_per_sm(arch: str, registers: int, warps: int, shared: int) -> int:
 def shapes(kernels_only: bool = True) -> dict[tuple, list[str]]:
     """``{(batch, heads, q tokens, kv tokens, head dim): [models]}`` of every attention layer, batch 2 (CFG);
     with ``kernels_only``, those the kernels take (head dims up to ``MAX_HEAD_DIM``; the rest run PyTorch)."""
-    from attnreuse.harness import model_attention_shapes
+    from attnreuse.architectures import attention_shapes
     from attnreuse.kernels.tuning import MAX_HEAD_DIM
     out: dict[tuple, list[str]] = {}
     for model, px in MODELS.items():
-        for shape in model_attention_shapes(model, px):
+        for shape in attention_shapes(model, px):
             if shape[4] <= MAX_HEAD_DIM or not kernels_only:
                 out.setdefault(shape, []).append(f"{model}@{px}")
     return out

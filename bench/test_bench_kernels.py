@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnreuse.harness import SHAPES, model_attention_shapes
+from attnreuse.architectures import attention_shapes
+from bench.measure import SHAPES
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 BENCHED = ("sd15_64x64_self", "sd15_64x64_cross", "sdxl_32x32_self")
@@ -58,8 +59,8 @@ def test_generation_line_counts_steps_by_schedule():
     from bench.kernel_table import generation
     row = {"sdpa_ms": 1.0, "sage_ms": 0.5, "sage_note": "", "capture16_ms": 3.0, "pv16_ms": 0.9,
            "capture8_ms": 3.0, "pv8_ms": 0.4}
-    layers = sum(model_attention_shapes("sd15", 512).values())
-    g = generation(1e12, {s: row for s in model_attention_shapes("sd15", 512)})
+    layers = sum(attention_shapes("sd15", 512).values())
+    g = generation(1e12, {s: row for s in attention_shapes("sd15", 512)})
     assert layers == 32 and g["sdpa_ms"] == 20 * layers and g["sage_ms"] == 10 * layers
     assert g["HURRY-10_fp8_ms"] == pytest.approx(layers * (9 + 3 + 10 * 0.4))
     assert g["PHAST-10_fp16_ms"] == pytest.approx(layers * (7 + 3 * 3 + 10 * 0.9))

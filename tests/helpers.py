@@ -1,10 +1,13 @@
-"""Shared test helpers: small UNets in the shape of SD1.5, SD2.x and SDXL (random weights, built offline),
-a diffusers-style sampling loop, and float64 references."""
+"""Shared test helpers: small UNets in the shape of SD1.5, SD2.x and SDXL (random weights, built offline), the
+schedulers tests run with, a diffusers-style sampling loop, and float64 attention references."""
 from __future__ import annotations
 
 import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       UNet2DConditionModel)
+                       HeunDiscreteScheduler, KDPM2DiscreteScheduler, UNet2DConditionModel)
+
+import attnreuse
+from attnreuse.kernels.reference import merge_heads, split_heads
 
 CROSS_DIM = 32
 TEXT_TOKENS = 7
@@ -20,10 +23,13 @@ ARCHS = {
                  projection_class_embeddings_input_dim=CROSS_DIM + 6 * 8),
 }
 
+# name: (scheduler, UNet evaluations per step but the last); the helpers' own loop runs the one-evaluation ones
 SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
+    "ddim": (DDIMScheduler, 1),
+    "dpm": (DPMSolverMultistepScheduler, 1),
+    "euler": (EulerDiscreteScheduler, 1),
+    "heun": (HeunDiscreteScheduler, 2),
+    "kdpm2": (KDPM2DiscreteScheduler, 2),
 }
 
 
@@ -77,6 +83,31 @@ def sample(unet, scheduler_cls=DDIMScheduler, steps: int = 20, cfg: str = "batch
         eps = eps_u + guidance * (eps_c - eps_u)
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents
+
+
+def patch_with_costs(model, schedule, cost, **kwargs):
+    """``attnreuse.patch`` whose plans use ``cost(shape, fmt)`` instead of timing kernels."""
+    handle = attnreuse.patch(model, schedule, **kwargs)
+    handle.plans.cost = lambda device, dtype, backend: cost
+    return handle
+
+
+def random_qkv(shape, dtype=torch.float16, device="cpu", seed=0):
+    """Q, K, V as a processor passes them, ``(batch, tokens, heads · head dim)``, for ``shape`` = (batch, heads,
+    q tokens, kv tokens, head dim); Q and K scaled by 1.5 for peaked maps."""
+    b, h, nq, nk, d = shape
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, n, h * d, generator=g) * s).to(device, dtype) for n, s in ((nq, 1.5), (nk, 1.5), (nk, 1.0))]
+
+
+def probs64(q, k, heads: int, scale: float) -> torch.Tensor:
+    """Attention probabilities in float64, ``(batch, heads, q tokens, kv tokens)``."""
+    return (split_heads(q.double(), heads) @ split_heads(k.double(), heads).transpose(-1, -2) * scale).softmax(-1)
+
+
+def out64(probs, v, heads: int) -> torch.Tensor:
+    """``probs · V`` in float64, heads merged back: ``(batch, q tokens, heads · head dim)``."""
+    return merge_heads(probs @ split_heads(v.double(), heads))
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

@@ -6,9 +6,8 @@ import torch
 from diffusers import DDIMScheduler
 
 import attnreuse
-import attnreuse.patching as patch_module
 from attnreuse.planner import LayerCost
-from tests.helpers import contexts, make_unet, sample, unet_kwargs
+from tests.helpers import contexts, make_unet, patch_with_costs, sample, unet_kwargs
 
 
 @torch.no_grad()
@@ -152,14 +151,12 @@ def _compiled(unet):
     return torch.compile(unet, fullgraph=True, backend="eager")
 
 
-def test_compiled_unet_needs_a_marked_generation_and_a_prepared_plan(monkeypatch):
-    monkeypatch.setattr(patch_module, "measured_cost", lambda device, dtype, backend: (
-        lambda s, dtype: LayerCost(1.0, 1.2, 0.5)))
+def test_compiled_unet_needs_a_marked_generation_and_a_prepared_plan():
     unet = make_unet("sd15")
     x = torch.randn(2, 4, 8, 8)
     context = torch.cat(contexts(1))
     try:
-        with attnreuse.patch(unet, "10", cache_dtype="auto") as handle:
+        with patch_with_costs(unet, "10", lambda s, fmt: LayerCost(1.0, 1.2, 0.5), cache_dtype="auto") as handle:
             compiled = _compiled(unet)
             with pytest.raises(Exception, match=r"outside a marked generation.*handle.generation"):
                 compiled(x, 900, encoder_hidden_states=context)
@@ -171,9 +168,9 @@ def test_compiled_unet_needs_a_marked_generation_and_a_prepared_plan(monkeypatch
             assert plan is handle.plan and all(p.reuse for p in plan)
             large = torch.randn(2, 4, 16, 16)
             handle.prepare(large, context, num_steps=2)  # the plan made last is another shape's
-            for sample in (x, large):  # the second shape makes its dimensions symbolic
-                out = _two_steps(compiled, handle, sample, context)
-                assert torch.allclose(_two_steps(unet, handle, sample, context), out, atol=1e-5)
+            for inp in (x, large):  # the second shape makes its dimensions symbolic
+                out = _two_steps(compiled, handle, inp, context)
+                assert torch.allclose(_two_steps(unet, handle, inp, context), out, atol=1e-5)
     finally:
         torch._dynamo.reset()
 
@@ -214,21 +211,19 @@ def test_an_ended_generation_cannot_be_stepped():
         assert gen.kind is None and handle.current is None
 
 
-def _planned_costs(monkeypatch):
+def _planned_costs(s, fmt):
     """Only the 8x8 top level pays: plans differ per resolution."""
-    monkeypatch.setattr(patch_module, "measured_cost", lambda device, dtype, backend: (
-        lambda s, dtype: LayerCost(1.0, 1.2, 0.2) if s.q_tokens == 64 else LayerCost(1.0, 1.5, 2.0)))
+    return LayerCost(1.0, 1.2, 0.2) if s.q_tokens == 64 else LayerCost(1.0, 1.5, 2.0)
 
 
-def test_plans_for_two_resolutions_in_two_threads(monkeypatch):
+def test_plans_for_two_resolutions_in_two_threads():
     """Each generation uses the plan for its own input: threads at two resolutions do not swap plans."""
     import threading
 
-    _planned_costs(monkeypatch)
     unet = make_unet("sd15")
     context = torch.cat(contexts(1))
     inputs = {size: torch.randn(2, 4, size, size) for size in (8, 16)}
-    with attnreuse.patch(unet, "10", cache_dtype="auto") as handle:
+    with patch_with_costs(unet, "10", _planned_costs, cache_dtype="auto") as handle:
         expected = {size: _two_steps(unet, handle, x, context) for size, x in inputs.items()}
         got, errors = {size: [] for size in inputs}, []
         barrier = threading.Barrier(2)

@@ -9,7 +9,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, FluxTransformer2DModel, Pix
 from diffusers.models.attention_processor import Attention
 
 import attnreuse
-from tests.helpers import rel_err
+from tests.helpers import patch_with_costs, rel_err
 
 CAPTION = 32
 
@@ -90,12 +90,11 @@ def test_transformer_called_by_hand_positionally_or_by_keyword(by_keyword):
         assert rel_err(outs[1], reference[1]) < 1e-5 and rel_err(outs[2], reference[2]) > 1e-3
 
 
-def test_budgeted_plan_places_dit_layers(monkeypatch):
-    import attnreuse.patching
+def test_budgeted_plan_places_dit_layers():
     from attnreuse.planner import LayerCost
-    monkeypatch.setattr(attnreuse.patching, "measured_cost", lambda *a: lambda shape, fmt: LayerCost(1.0, 1.1, 0.5))
     pipe = make_pipe()
-    with attnreuse.patch(pipe, attnreuse.hurry(6, 3), max_cache_bytes=1e9) as handle:
+    with patch_with_costs(pipe, attnreuse.hurry(6, 3), lambda shape, fmt: LayerCost(1.0, 1.1, 0.5),
+                          max_cache_bytes=1e9) as handle:
         run(pipe)
         assert handle.plan and all(p.reuse for p in handle.plan)
         shapes = {p.name: p.bytes for p in handle.plan}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnreuse
-from attnreuse.harness import graphed
+from attnreuse.timing import graphed
 from tests.helpers import make_unet, sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from attnreuse.kernels import KEY_BLOCK, CachedMap, cached_pv, capture, formats
-from attnreuse.kernels.reference import merge_heads, split_heads
 from attnreuse.kernels.storage import data_shape, num_blocks
 from attnreuse.kernels.custom_ops import cached_pv_op, capture_op, launch_cached_pv, launch_capture
-from tests.helpers import rel_err
+from tests.helpers import out64, probs64, random_qkv, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (batch, heads, q tokens, kv tokens, head dim): odd token counts, cross-attention's 77 keys, kv lengths
@@ -19,21 +18,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(2, 2, 37, 77, 40), (1, 3, 61, 200, 80), (1, 1, 19, 150, 128), (1, 2, 33, 300, 64), (1, 2, 32, 256, 40)]
 FORMATS = ["fp16", "fp8", "fp4"]
 BOUND = {"fp16": 1e-3, "fp8": 3e-2, "fp4": 0.15}
-
-
-def inputs(shape, dtype=torch.float16, seed=0):
-    b, h, nq, nk, d = shape
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, n, h * d, generator=g) * s).to(DEVICE, dtype)
-            for n, s in ((nq, 1.5), (nk, 1.5), (nk, 1.0))]
-
-
-def probs64(q, k, heads, scale):
-    return (split_heads(q.double(), heads) @ split_heads(k.double(), heads).transpose(-1, -2) * scale).softmax(-1)
-
-
-def out64(p, v, heads):
-    return merge_heads(p @ split_heads(v.double(), heads))
 
 
 def poisoned(shape, fmt):
@@ -59,7 +43,7 @@ def as_items(cmap: CachedMap) -> torch.Tensor:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cached_pv(shape, fmt):
     b, h, nq, nk, d = shape
-    q, k, v = inputs(shape, seed=sum(shape))
+    q, k, v = random_qkv(shape, device=DEVICE, seed=sum(shape))
     p = probs64(q, k, h, d ** -0.5)
     cmap = CachedMap.from_probs(p, fmt)
     out = poisoned(shape, fmt)[0]
@@ -73,7 +57,7 @@ def test_cached_pv(shape, fmt):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_capture(shape, fmt):
     b, h, nq, nk, d = shape
-    q, k, v = inputs(shape, seed=sum(shape) + 1)
+    q, k, v = random_qkv(shape, device=DEVICE, seed=sum(shape) + 1)
     scale = d ** -0.5
     out, data, block_max, row_lse = poisoned(shape, fmt)
     launch_capture(out, data, block_max, row_lse, q, k, v, h, scale, fmt)
@@ -108,7 +92,7 @@ def test_what_the_kernels_do_not_take_runs_the_reference_path(monkeypatch, dtype
     monkeypatch.setattr(torch.ops.attnreuse, "capture", lambda *a: launched.append(a))
     shape = (1, 2, 24, 140, head_dim)
     b, h, nq, nk, d = shape
-    q, k, v = (x.to(dtype) for x in inputs(shape, seed=5))
+    q, k, v = (x.to(dtype) for x in random_qkv(shape, device=DEVICE, seed=5))
     out, cmap = capture(q, k, v, h, d ** -0.5, "fp8")
     assert not launched and rel_err(out, out64(probs64(q, k, h, d ** -0.5), v, h)) < 1e-3
     with pytest.raises(ValueError, match="fp16 or bf16, head dims up to 128"):
@@ -122,7 +106,7 @@ def test_zero_blocks_read_as_zero():
     p = torch.rand(b, h, nq, nk, dtype=torch.float64, device=DEVICE)
     p[..., KEY_BLOCK:2 * KEY_BLOCK] = 0
     p /= p.sum(-1, keepdim=True)
-    v = inputs(shape)[2]
+    v = random_qkv(shape, device=DEVICE)[2]
     for fmt in FORMATS:
         cmap = CachedMap.from_probs(p, fmt)
         assert torch.isneginf(cmap.block_max[:, :, 1]).all()
@@ -147,7 +131,7 @@ def test_strided_and_unaligned_inputs():
     assert rel_err(cached_pv_op(data, block_max, row_lse, v, h, "fp16"), out64(p, v, h)) < 1e-3
     wide = torch.randn(b, n, h * d + 3, device=DEVICE).half()[..., :h * d]  # row stride 83 halves: 166 bytes
     assert rel_err(cached_pv_op(data, block_max, row_lse, wide, h, "fp16"), out64(p, wide, h)) < 1e-3
-    q, k, v = inputs((1, 1, 20, 20, 20), seed=2)  # H·D = 20 halves: 40-byte rows
+    q, k, v = random_qkv((1, 1, 20, 20, 20), device=DEVICE, seed=2)  # H·D = 20 halves: 40-byte rows
     out, data, block_max, row_lse = capture_op(q, k, v, 1, 20 ** -0.5, "fp8")
     p = probs64(q, k, 1, 20 ** -0.5)
     assert rel_err(out, out64(p, v, 1)) < 2e-3
@@ -156,7 +140,7 @@ def test_strided_and_unaligned_inputs():
 
 def test_custom_ops_registration():
     shape = (1, 2, 16, 16, 16)
-    q, k, v = inputs(shape)
+    q, k, v = random_qkv(shape, device=DEVICE)
     for fmt in FORMATS:
         torch.library.opcheck(capture_op, (q, k, v, 2, 0.25, fmt), test_utils=("test_schema", "test_faketensor"))
         _, data, block_max, row_lse = capture_op(q, k, v, 2, 0.25, fmt)
@@ -165,7 +149,7 @@ def test_custom_ops_registration():
 
 
 def test_public_api_checks_inputs_once():
-    q, k, v = inputs((1, 1, 16, 16, 16))
+    q, k, v = random_qkv((1, 1, 16, 16, 16), device=DEVICE)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA activations"):
         capture(q.double().cpu(), k.double().cpu(), v.double().cpu(), 1, 0.25, torch.float16, backend="triton")
     with pytest.raises(ValueError, match="is not a map format"):
@@ -183,7 +167,7 @@ def test_public_api_compiles_without_graph_breaks(monkeypatch, fmt):
     from attnreuse.kernels import api
     monkeypatch.setattr(api, "_use_triton", lambda *args: True)  # the Triton path on CPU tensors (interpreter)
     shape = (1, 2, 20, 30, 16)
-    q, k, v = inputs(shape)
+    q, k, v = random_qkv(shape, device=DEVICE)
 
     def step(q, k, v):
         _, cmap = capture(q, k, v, 2, 0.25, fmt)
@@ -211,7 +195,7 @@ def test_cached_pv_variants(variant):
     from attnreuse.kernels.tuning import VARIANTS, cached_pv_config
     shape = (1, 2, 33, 150, 80)
     b, h, nq, nk, d = shape
-    q, k, v = inputs(shape, seed=3)
+    q, k, v = random_qkv(shape, device=DEVICE, seed=3)
     p = probs64(q, k, h, d ** -0.5)
     for fmt in ("fp8", "fp4"):
         cmap = CachedMap.from_probs(p, fmt)

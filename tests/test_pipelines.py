@@ -7,17 +7,12 @@ import threading
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionImg2ImgPipeline,
+from diffusers import (AutoencoderKL, DDIMScheduler, HeunDiscreteScheduler, StableDiffusionImg2ImgPipeline,
                        StableDiffusionPipeline)
 from diffusers.models.attention_processor import Attention
 
 import attnreuse
-from tests.helpers import IteratingPipeline, contexts, make_unet
-
-PIPE_SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
-                   "heun": HeunDiscreteScheduler, "kdpm2": KDPM2DiscreteScheduler}
-
+from tests.helpers import SCHEDULERS, IteratingPipeline, contexts, make_unet
 
 def make_pipe(scheduler_cls=DDIMScheduler, unet=None) -> StableDiffusionPipeline:
     """SD-style txt2img pipeline: tiny VAE (scale factor 1: 8x8 pixels = 8x8 latents), the helpers' UNet, no
@@ -65,12 +60,12 @@ def cancel_at(step):
     return callback
 
 
-@pytest.mark.parametrize("name", list(PIPE_SCHEDULERS))
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_schedulers_all_compute_exact_and_hurry_reuses(name):
     """One schedule entry per progress step, whatever the scheduler's evaluations per step."""
-    pipe = make_pipe(PIPE_SCHEDULERS[name])
+    scheduler_cls, evals = SCHEDULERS[name]  # evals: UNet calls per step (the last step: 1)
+    pipe = make_pipe(scheduler_cls)
     ref = run(pipe, steps=6)
-    evals = 2 if name in ("heun", "kdpm2") else 1  # UNet calls per step (the last step: 1)
     with attnreuse.patch(pipe, "111111", cache_dtype="fp8") as handle:
         assert torch.equal(run(pipe, steps=6), ref)
         count, hook = to_q_calls(pipe.unet)

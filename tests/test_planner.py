@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import attnreuse
-import attnreuse.patching as patch_module
 from attnreuse.planner import LayerCost, LayerShape, auto_formats, layer_shapes, make_plan
 from attnreuse.kernels import formats, storage_nbytes
-from tests.helpers import make_unet, sample
+from tests.helpers import make_unet, patch_with_costs, sample
 
 F16, FP8, FP4 = (formats.get(n) for n in ("fp16", "fp8", "fp4"))
 
@@ -100,19 +99,16 @@ def test_layer_shapes_follow_the_unet(arch):
         assert s.heads == layers[n].heads
 
 
-@pytest.fixture
-def fixed_costs(monkeypatch):
+def fixed_costs(s, fmt):
     """Cross-attention never pays, self-attention pays with fp8 best."""
-    def cost(s, fmt):
-        if s.kv_tokens == 7:
-            return LayerCost(1.0, 1.5, 2.0)
-        return LayerCost(1.0, 1.2, 0.2 if fmt == FP8 else 0.5)
-    monkeypatch.setattr(patch_module, "measured_cost", lambda device, dtype, backend: cost)
+    if s.kv_tokens == 7:
+        return LayerCost(1.0, 1.5, 2.0)
+    return LayerCost(1.0, 1.2, 0.2 if fmt == FP8 else 0.5)
 
 
-def test_patch_with_auto_dtype_follows_the_plan(fixed_costs):
+def test_patch_with_auto_dtype_follows_the_plan():
     unet = make_unet("sd15")
-    with attnreuse.patch(unet, attnreuse.hurry(6, 3), cache_dtype="auto") as handle:
+    with patch_with_costs(unet, attnreuse.hurry(6, 3), fixed_costs, cache_dtype="auto") as handle:
         assert handle.plan is None
         maps = {}  # what the last reuse step holds
         hook = unet.register_forward_pre_hook(lambda m, a: maps.update(handle.current.cache.maps))
@@ -125,26 +121,26 @@ def test_patch_with_auto_dtype_follows_the_plan(fixed_costs):
         assert all(m.format == FP8 for m in maps.values())
 
 
-def test_patch_budget_is_never_exceeded_even_with_separate_cfg_calls(fixed_costs):
+def test_patch_budget_is_never_exceeded_even_with_separate_cfg_calls():
     unet = make_unet("sd15")
     ref = sample(unet, steps=4, cfg="separate")
-    with attnreuse.patch(unet, "1100", cache_dtype="fp8", max_cache_bytes=math.inf) as handle:
+    with patch_with_costs(unet, "1100", fixed_costs, cache_dtype="fp8", max_cache_bytes=math.inf) as handle:
         sample(unet, steps=4, cfg="separate")
         plan_bytes = sum(p.bytes for p in handle.plan)
         full = handle.peak_cache_bytes
     assert full == 2 * plan_bytes  # two branches, each with its own maps
     budget = full * 3 // 4
-    with attnreuse.patch(unet, "1100", cache_dtype="fp8", max_cache_bytes=budget) as handle:
+    with patch_with_costs(unet, "1100", fixed_costs, cache_dtype="fp8", max_cache_bytes=budget) as handle:
         with pytest.warns(UserWarning, match="left no room"):
             out = sample(unet, steps=4, cfg="separate")
         assert 0 < handle.peak_cache_bytes <= budget
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
 
 
-def test_budget_too_small_means_plain_attention(fixed_costs):
+def test_budget_too_small_means_plain_attention():
     unet = make_unet("sd15")
     ref = sample(unet, steps=4)
-    with attnreuse.patch(unet, "1100", max_cache_bytes=10) as handle:
+    with patch_with_costs(unet, "1100", fixed_costs, max_cache_bytes=10) as handle:
         with pytest.warns(UserWarning, match="plain attention"):
             out = sample(unet, steps=4)
         assert handle.peak_cache_bytes == 0 and not any(p.reuse for p in handle.plan)
@@ -188,12 +184,9 @@ def test_hold_keeps_the_step():
 def test_sd15_512_fp8_cache_fits_in_1_5_gb():
     """The public SD1.5 config at 512², batch 2 (CFG): every map of a reuse step, counted from the layer
     shapes (built on the meta device: no weights)."""
-    from diffusers import UNet2DConditionModel
+    from attnreuse import architectures
 
-    from bench.e2e import CONFIGS
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(sample_size=64, **CONFIGS["sd15"])
+    unet = architectures.build("sd15", 512, "meta")
     names = [n for n, m in unet.named_modules() if type(m).__name__ == "Attention"]
     shapes = layer_shapes(unet, names, (2, 4, 64, 64), context_tokens=77)
     total = {dt: sum(storage_nbytes(s.batch, s.heads, s.q_tokens, s.kv_tokens, dt) for s in shapes.values())

@@ -5,22 +5,7 @@ import pytest
 import torch
 
 from attnreuse.kernels import FP4, FP8, KEY_BLOCK, CachedMap, MapFormat, cached_pv, capture, formats, storage_nbytes
-from attnreuse.kernels.reference import merge_heads, split_heads
-from tests.helpers import rel_err
-
-
-def random_qkv(b, h, nq, nk, d, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, nq, h * d, generator=g)
-    k = torch.randn(b, nk, h * d, generator=g)
-    v = torch.randn(b, nk, h * d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def attention64(q, k, v, heads, scale):
-    qh, kh, vh = (split_heads(x.double(), heads) for x in (q, k, v))
-    probs = (qh @ kh.transpose(-1, -2) * scale).softmax(-1)
-    return probs, merge_heads(probs @ vh)
+from tests.helpers import out64, probs64, random_qkv, rel_err
 
 
 @pytest.mark.parametrize("map_dtype,bound", [(torch.float32, 1e-6), (torch.float16, 1e-3),
@@ -28,18 +13,18 @@ def attention64(q, k, v, heads, scale):
 @pytest.mark.parametrize("shape", [(2, 3, 33, 77, 40), (1, 2, 64, 64, 80), (1, 1, 5, 3, 16)])
 def test_capture_then_reuse_matches_float64(shape, map_dtype, bound):
     b, h, nq, nk, d = shape
-    q, k, v = random_qkv(b, h, nq, nk, d, seed=sum(shape))
+    q, k, v = random_qkv(shape, torch.float32, seed=sum(shape))
     scale = d ** -0.5
     out, cmap = capture(q, k, v, h, scale, map_dtype)
-    probs64, out64 = attention64(q, k, v, h, scale)
-    assert rel_err(out, out64) < 1e-6  # the capture step's own output uses the unquantised map
+    probs = probs64(q, k, h, scale)
+    assert rel_err(out, out64(probs, v, h)) < 1e-6  # the capture step's own output uses the unquantised map
     assert cmap.dtype == map_dtype and cmap.nbytes == storage_nbytes(b, h, nq, nk, map_dtype)
     assert cmap.data.shape[-1] * cmap.data.element_size() % 16 == 0  # rows padded to 16 bytes
-    assert rel_err(cmap.dequantize(torch.float64), probs64) < bound
+    assert rel_err(cmap.dequantize(torch.float64), probs) < bound
     v2 = torch.randn_like(v)  # a later step: fresh values, the cached map
     reused = cached_pv(cmap, v2, h)
     assert reused.shape == (b, nq, h * d) and reused.dtype == v2.dtype
-    assert rel_err(reused, merge_heads(probs64 @ split_heads(v2.double(), h))) < bound
+    assert rel_err(reused, out64(probs, v2, h)) < bound
 
 
 def test_fp8_keeps_small_probabilities():
@@ -61,7 +46,7 @@ def test_fp16_model_with_fp8_map_does_not_overflow():
     v = torch.randn(b, n, h * d).half()
     out = cached_pv(CachedMap.from_probs(probs, FP8), v, h)
     assert torch.isfinite(out).all()
-    assert rel_err(out, merge_heads(probs.double() @ split_heads(v.double(), h))) < 3e-2
+    assert rel_err(out, out64(probs.double(), v, h)) < 3e-2
 
 
 def per_row_fp8(probs):
@@ -192,7 +177,7 @@ def test_a_registered_format_runs_through_patch():
 
 
 def test_map_never_applied_to_other_shapes():
-    q, k, v = random_qkv(2, 2, 16, 16, 8)
+    q, k, v = random_qkv((2, 2, 16, 16, 8), torch.float32)
     _, cmap = capture(q, k, v, 2, 0.3, torch.float16)
     for bad_v, heads in ((v[:1], 2), (v[:, :8], 2), (v, 4)):
         with pytest.raises(ValueError, match="another batch, resolution or layer"):

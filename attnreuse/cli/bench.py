@@ -21,7 +21,7 @@ import torch
 
 import attnreuse
 from attnreuse import measured
-from attnreuse.harness import graphed, median_ms
+from attnreuse.timing import graphed, median_ms
 from attnreuse.phast import psnr
 from attnreuse.schedule import as_schedule, to_string
 
