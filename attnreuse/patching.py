@@ -44,7 +44,10 @@ def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_
     if previous is not None:
         pipes += [p for p in previous._pipes if p is not pipe]  # they share this UNet: keep counting its steps
         previous._uninstall(warn=False)  # layers changed since (the documented fix: patch again) keep the change
-    return ReuseHandle(unet, config, chosen, pipes)
+    handle = ReuseHandle(unet, config, chosen, pipes)
+    if previous is not None and previous.plans is not None and handle.plans is not None:
+        handle.plans.cost = previous.plans.cost  # a cost model the user set stays
+    return handle
 
 
 def unpatch(model) -> None:
@@ -52,7 +55,7 @@ def unpatch(model) -> None:
     unet, _ = _resolve(model)
     handle = getattr(unet, _HANDLE_ATTR, None)
     if handle is not None:
-        handle.remove()
+        handle._uninstall(warn=True)
 
 
 def _resolve(model) -> tuple[torch.nn.Module, object | None]:
@@ -220,6 +223,7 @@ class ReuseHandle:
         return self._processors.original(name, module)
 
     def _uninstall(self, warn: bool) -> None:
+        """Called straight from unpatch, remove and the with block's exit: the warning names the user's line."""
         if getattr(self.unet, _HANDLE_ATTR, None) is not self:
             return
         kept = self._processors.restore()
@@ -240,7 +244,7 @@ class ReuseHandle:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        self._uninstall(warn=True)
 
     def __repr__(self) -> str:
         return (f"ReuseHandle(schedule={self.config.schedule!r}, layers={len(self.layers)}, "

@@ -29,14 +29,23 @@ class Plans:
     """The plans of one patch by :class:`PlanKey`, and the per-layer policies each gives.
 
     ``cost(device, model_dtype, backend)`` gives the cost function plans are made with: by default
-    :func:`~attnreuse.planner.measured_cost`, which times each new layer shape on the device; replace it
-    (before the first plan) to plan with costs known in advance.
+    :func:`~attnreuse.planner.measured_cost`, which times each new layer shape on the device. Set another to
+    plan with costs known in advance (plans made before are dropped; a pickled model needs a module-level
+    function, not a lambda).
     """
 
     def __init__(self, unet: torch.nn.Module, layers: tuple[str, ...], config: ReuseConfig):
         self.unet, self.layers = unet, layers
         self.cache_dtype, self.max_cache_bytes, self.backend = config.cache_dtype, config.max_cache_bytes, config.backend
-        self.cost: Callable[[torch.device, torch.dtype, str], CostFn] = measured_cost
+        self.cost = measured_cost
+
+    @property
+    def cost(self) -> Callable[[torch.device, torch.dtype, str], CostFn]:
+        return self._cost
+
+    @cost.setter
+    def cost(self, cost: Callable[[torch.device, torch.dtype, str], CostFn]) -> None:
+        self._cost = cost
         self._plans: dict[PlanKey, list[LayerPlan]] = {}
         self._policies: dict[PlanKey, dict[str, LayerPolicy]] = {}
         self.last: PlanKey | None = None  # the key of the plan made last

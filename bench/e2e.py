@@ -22,14 +22,13 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-import attnreuse
-from attnreuse.architectures import CONFIGS as PUBLIC_CONFIGS, TEXT_TOKENS
-from attnreuse.timing import graphed, median_ms
-
 if __package__ in (None, ""):  # run as a file: python bench/e2e.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
+import attnreuse
+from attnreuse.architectures import CONFIGS as PUBLIC_CONFIGS, TEXT_TOKENS
+from attnreuse.timing import graphed, median_ms
 from bench.measure import copy_bandwidth  # noqa: E402
 
 CONFIGS = dict(PUBLIC_CONFIGS, tiny=dict(  # tiny: the CPU dry run

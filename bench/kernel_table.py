@@ -22,16 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+if __package__ in (None, ""):  # run as a file: python bench/kernel_table.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
+
 from attnreuse.architectures import attention_shapes
 from attnreuse.kernels import CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
 from attnreuse.kernels.custom_ops import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
 from attnreuse.kernels.tuning import RULES, VARIANTS
-
-if __package__ in (None, ""):  # run as a file: python bench/kernel_table.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    __package__ = "bench"
-
 from bench.measure import SHAPES, bench_ms, copy_bandwidth  # noqa: E402
 
 MAP_FORMATS = {"16": "fp16", "8": "fp8"}  # the table's columns; --fp4 adds "4"

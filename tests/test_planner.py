@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import attnreuse
+from attnreuse import architectures
 from attnreuse.planner import LayerCost, LayerShape, auto_formats, layer_shapes, make_plan
 from attnreuse.kernels import formats, storage_nbytes
 from tests.helpers import make_unet, patch_with_costs, sample
@@ -184,16 +185,37 @@ def test_hold_keeps_the_step():
 def test_sd15_512_fp8_cache_fits_in_1_5_gb():
     """The public SD1.5 config at 512², batch 2 (CFG): every map of a reuse step, counted from the layer
     shapes (built on the meta device: no weights)."""
-    from attnreuse import architectures
-
-    unet = architectures.build("sd15", 512, "meta")
-    names = [n for n, m in unet.named_modules() if type(m).__name__ == "Attention"]
-    shapes = layer_shapes(unet, names, (2, 4, 64, 64), context_tokens=77)
-    total = {dt: sum(storage_nbytes(s.batch, s.heads, s.q_tokens, s.kv_tokens, dt) for s in shapes.values())
+    shapes = architectures.attention_shapes("sd15", 512)
+    total = {dt: sum(n * storage_nbytes(b, h, nq, nk, dt) for (b, h, nq, nk, _), n in shapes.items())
              for dt in (F16, FP8)}
-    assert len(names) == 32 and max(s.q_tokens for s in shapes.values()) == 4096
+    assert sum(shapes.values()) == 32 and max(s[2] for s in shapes) == 4096
     assert 2.9e9 < total[F16] < 3.0e9  # 2.93 GB of fp16 maps
     assert total[FP8] <= 1.52e9  # 1.47 GB of fp8 data + 3 % of per-(row, 128-key block) statistics
+
+
+def test_attention_shapes_of_the_public_configs():
+    """Per UNet call with CFG: SD1.5 at 512² (heads 8, head dims 40/80/160 by level, 77 text tokens); layer
+    counts of SD2.1 at 768² and SDXL at 1024² (10 transformer blocks per 32² block)."""
+    assert architectures.attention_shapes("sd15", 512) == {
+        (2, 8, 4096, 4096, 40): 5, (2, 8, 4096, 77, 40): 5, (2, 8, 1024, 1024, 80): 5, (2, 8, 1024, 77, 80): 5,
+        (2, 8, 256, 256, 160): 5, (2, 8, 256, 77, 160): 5, (2, 8, 64, 77, 160): 1, (2, 8, 64, 64, 160): 1}
+    assert sum(architectures.attention_shapes("sd21", 768).values()) == 32
+    sdxl = architectures.attention_shapes("sdxl", 1024)
+    assert sum(sdxl.values()) == 140 and sdxl[(2, 20, 1024, 1024, 64)] == 60
+
+
+def test_plans_use_the_cost_model_set_last_and_keep_it_when_patched_again():
+    unet = make_unet("sd15")
+    with attnreuse.patch(unet, attnreuse.hurry(4, 2)) as handle:
+        assert handle.plans is None and handle.prepare(torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32), 4) is None
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+    with patch_with_costs(unet, attnreuse.hurry(4, 2), lambda s, fmt: LayerCost(1.0, 1.2, 0.5), cache_dtype="auto"):
+        handle = attnreuse.patch(unet, attnreuse.hurry(4, 2), cache_dtype="auto")  # patched again: no timing
+        assert all(p.reuse for p in handle.prepare(x, context, 4))
+        handle.plans.cost = lambda device, dtype, backend: lambda s, fmt: LayerCost(1.0, 1.2, 2.0)
+        assert handle.plan is None
+        with pytest.warns(UserWarning, match="no layer is worth reusing"):
+            assert not any(p.reuse for p in handle.prepare(x, context, 4))
 
 
 def test_auto_chooses_fp4_where_it_saves_most():
