@@ -25,7 +25,7 @@ import matplotlib
 import numpy as np
 import torch
 from skimage.metrics import structural_similarity
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import attnreuse
 from attnreuse import measured
@@ -53,9 +53,15 @@ def random_schedule(steps: int, r: int, seed: int) -> tuple[int, ...]:
 DEEPCACHE_INTERVAL = 3
 
 
+# torch's flop counter knows SDPA's GPU kernels but not the CPU one (it would count plain attention as 0 FLOPs
+# while a reuse step's map × V counts as a matmul): the same formula for it
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
 def flops_of(fn) -> tuple[torch.Tensor, int]:
     """``fn()``'s result and the FLOPs it spent (matmuls, convolutions, attention: torch's flop counter)."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
         out = fn()
     return out, counter.get_total_flops()
 
