@@ -14,8 +14,7 @@ import torch
 
 from .architectures import CONFIGS, attention_shapes
 from .kernels import formats
-
-_MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the Triton kernels' activations
+from .kernels.api import VALUE_DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -24,9 +23,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", choices=sorted(CONFIGS), default="sd15", help="UNet whose attention shapes to compile")
     ap.add_argument("--resolution", type=int, default=512, help="image side in pixels (a multiple of 64)")
     ap.add_argument("--cache-dtype", nargs="+", default=["fp8"],
-                    choices=[f.name for f in formats.formats() if f.kernel is not None],
+                    choices=formats.kernel_formats(),
                     help="map format(s) the patched model will store")
-    ap.add_argument("--dtype", choices=sorted(_MODEL_DTYPES), default="fp16", help="the model's activation dtype")
+    ap.add_argument("--dtype", choices=sorted(VALUE_DTYPES), default="fp16", help="the model's activation dtype")
     ap.add_argument("--batch", type=int, default=2, help="UNet batch (2 with classifier-free guidance)")
     args = ap.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 64:
@@ -67,7 +66,7 @@ def main(argv=None) -> int:
     if not backend_available():
         sys.exit("attnreuse warmup: Triton is not importable: install triton (pip install triton).")
     t0 = time.perf_counter()
-    warm(args.model, args.resolution, args.cache_dtype, _MODEL_DTYPES[args.dtype], args.batch)
+    warm(args.model, args.resolution, args.cache_dtype, VALUE_DTYPES[args.dtype], args.batch)
     print(f"{args.model} {args.resolution}px, maps {' '.join(args.cache_dtype)}: kernels ready in "
           f"{time.perf_counter() - t0:.1f} s on {torch.cuda.get_device_name()}")
     return 0

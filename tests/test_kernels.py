@@ -36,7 +36,7 @@ def poisoned(shape, fmt):
 
 def as_items(cmap: CachedMap) -> torch.Tensor:
     """The map's data as the ops take it (fp8 and 4-bit as bytes)."""
-    return cmap.data.view(torch.uint8) if cmap.format.bits <= 8 else cmap.data
+    return cmap.data.view(cmap.format.op_dtype)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -15,7 +15,8 @@ from .storage import CachedMap
 from .tuning import MAX_HEAD_DIM
 
 BACKENDS = ("auto", "triton", "torch")
-_VALUE_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' activations; fp32 models take the PyTorch path
+# The kernels' activations, by the names warmup's --dtype takes; fp32 models take the PyTorch path.
+VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _use_triton(backend: str, values: tuple[torch.Tensor, ...], heads: int, fmt: formats.MapFormat) -> bool:
@@ -25,12 +26,11 @@ def _use_triton(backend: str, values: tuple[torch.Tensor, ...], heads: int, fmt:
     if backend == "torch":
         return False
     head_dim = values[0].shape[-1] // heads
-    usable = (all(t.is_cuda and t.dtype in _VALUE_DTYPES for t in values) and fmt.kernel is not None
+    usable = (all(t.is_cuda and t.dtype in VALUE_DTYPES.values() for t in values) and fmt.kernel is not None
               and head_dim <= MAX_HEAD_DIM)
     if backend == "triton" and not usable:
-        kernel_formats = [f.name for f in formats.formats() if f.kernel is not None]
         raise ValueError("backend='triton' needs CUDA activations in fp16 or bf16, head dims up to "
-                         f"{MAX_HEAD_DIM} and a map format with kernels ({', '.join(kernel_formats)}); got "
+                         f"{MAX_HEAD_DIM} and a map format with kernels ({', '.join(formats.kernel_formats())}); got "
                          f"{sorted({f'{t.device.type} {t.dtype}' for t in values})}, head dim {head_dim} and "
                          f"{fmt.name} maps: use backend='auto' (the PyTorch path where the kernels cannot go) "
                          "or 'torch'")
@@ -76,13 +76,14 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
     """``A · V`` for the cached map ``A``; ``v``: ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]`` in ``v.dtype``."""
     _check_heads(v, heads, "v")
     b, nk, _ = v.shape
-    if cmap.shape[0] != b or cmap.shape[1] != heads or cmap.shape[3] != nk:
+    shape = cmap.shape
+    if shape[0] != b or shape[1] != heads or shape[3] != nk:
         raise ValueError(
-            f"cached map of shape {tuple(cmap.shape)} cannot multiply values of shape {tuple(v.shape)} "
+            f"cached map of shape {tuple(shape)} cannot multiply values of shape {tuple(v.shape)} "
             f"with {heads} heads: the map belongs to another batch, resolution or layer")
     if cmap.data.device != v.device:
         raise ValueError(f"cached map on {cmap.data.device}, values on {v.device}: move one of them")
     if _use_triton(backend, (v,), heads, cmap.format):
-        data = cmap.data.view(torch.uint8) if cmap.format.bits <= 8 else cmap.data  # bytes across the op
+        data = cmap.data.view(cmap.format.op_dtype)
         return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.format.name)
     return cached_pv_reference(cmap, v, heads)

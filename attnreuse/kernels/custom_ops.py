@@ -1,31 +1,40 @@
 """The Triton kernels as ``torch.library`` custom ops (so ``torch.compile`` and CUDA graphs see them), and their
 launches. Inputs are checked once, in :mod:`.api`; here they are only laid out for the kernels: ``[B, N, H·D]``
 rows whose strides are whole 16-byte units (anything else is first copied into such a buffer), the map format
-as its registry name. fp8 and 4-bit maps cross the op boundary as uint8 bytes: PyTorch's CPU kernels, which
-the op checks run, know no arithmetic on their dtypes.
+as its registry name. fp8 and 4-bit maps cross the op boundary as uint8 bytes (``MapFormat.op_dtype``).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 from . import formats
 from . import triton_kernels as tk
-from .storage import KEY_BLOCK, data_shape, num_blocks
+from .formats import KEY_BLOCK, num_blocks
+from .storage import data_shape
 from .tuning import INTERPRET, Config, block_d, cached_pv_config, capture_config, split_block_d
 
 ALIGN = 16  # bytes
 
 
 def target_arch() -> int:
-    """The compute capability Triton compiles for (``90`` for sm_90a): the config rule and decodes depend on it."""
+    """The compute capability Triton compiles for (``90`` for sm_90a): the config rule and decodes depend on it.
+    0 under the interpreter, which has no target: its decodes take the integer paths (its fp32 -> fp8
+    rounding drops the carry into the exponent)."""
     if INTERPRET:
-        return 90
-    from triton.runtime import driver
-    return driver.active.get_current_target().arch
+        return 0
+    active = driver.active  # bench/sass.py swaps in a fake driver per target
+    return _arch(active, active.get_current_device())
+
+
+@functools.cache  # per driver and device, as Triton's JIT keeps its targets
+def _arch(active, device) -> int:
+    return active.get_current_target().arch
 
 
 def _units(stride: int, item: int) -> int:
@@ -46,47 +55,58 @@ def aligned_rows(x: torch.Tensor) -> torch.Tensor:
 
 def empty_rows(b: int, n: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
     """An uninitialised ``[B, N, W]`` tensor whose rows start 16-byte aligned (padded when ``W`` needs it)."""
-    per = ALIGN // torch.empty((), dtype=dtype).element_size()
+    per = ALIGN // dtype.itemsize
     padded = -(-w // per) * per
     buf = torch.empty(b, n, padded, dtype=dtype, device=device)
     return buf if padded == w else buf[..., :w]
 
 
-def _dot_dtype(*dtypes: torch.dtype):
-    """Matmul inputs: bf16 if the values or the map are bf16, else fp16."""
-    return (tl.bfloat16 if torch.bfloat16 in dtypes else tl.float16), "tf32"
+def _items(data: torch.Tensor, fmt: formats.MapFormat) -> torch.Tensor:
+    """``data`` as the kernels read it (``fmt.op_dtype``); the ops pass it so already."""
+    return data if data.dtype == fmt.op_dtype else data.view(fmt.op_dtype)
 
 
-def _format_args(fmt: formats.MapFormat, arch: int, kv_tokens: int) -> dict:
-    """The kernels' format constants. Hardware e4m3/e5m2 conversions from sm_89 on; the interpreter takes the
-    integer path (its fp32 -> fp8 rounding drops the carry into the exponent)."""
-    return dict(MAP_FORMAT=fmt.kernel, FRAGMENT=fmt.in_fragment_order(kv_tokens), FP8_CVT=arch >= 89 and not INTERPRET)
+def _constexprs(rule, config: Config | None, fmt: formats.MapFormat, d: int, nq: int, nk: int, dtypes: tuple) -> dict:
+    """The constexprs and launch options of a launch: by ``config``, else by ``rule``'s config, cached (they
+    depend on nothing but the shape, format, activation dtypes and target; the dict is shared: read only)."""
+    if config is None:
+        return _rule_constexprs(rule, fmt, d, nq, nk, dtypes, target_arch())
+    return _config_constexprs(config, fmt, d, nq, nk, dtypes, target_arch())
+
+
+@functools.cache
+def _rule_constexprs(rule, fmt: formats.MapFormat, d: int, nq: int, nk: int, dtypes: tuple, arch: int) -> dict:
+    return _config_constexprs(rule(d, nq, nk, fmt, arch), fmt, d, nq, nk, dtypes, arch)
+
+
+def _config_constexprs(config: Config, fmt: formats.MapFormat, d: int, nq: int, nk: int, dtypes: tuple,
+                       arch: int) -> dict:
+    block_ds = split_block_d(d) if config.split_d else (block_d(d), 0)
+    return dict(HEAD_DIM=d, MAP_FORMAT=fmt.kernel, FRAGMENT=fmt.in_fragment_order(nk),
+                FP8_CVT=arch >= 89,  # hardware e4m3/e5m2 conversions
+                DOT_DTYPE=tl.bfloat16 if torch.bfloat16 in dtypes else tl.float16,  # bf16 with bf16 values or map
+                EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
+                BLOCK_D=block_ds[0], BLOCK_D2=block_ds[1], **config.launch_args())
 
 
 def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: Config | None = None) -> None:
     """``out`` ``[B, Nq, H·D]`` = the map (``data``, ``block_max``, ``row_lse``) in format ``fmt`` times ``v``
     ``[B, Nk, H·D]``. ``data``: in the format's dtype, or its uint8 bytes."""
     fmt = formats.get(fmt)
-    data = data.view(_data_dtype(fmt))  # 8- and 4-bit maps reach the kernels as bytes
+    data = _items(data, fmt)
     b, h, nq, items = data.shape
     nk = v.shape[1]
     d = v.shape[2] // heads
     v = aligned_rows(v)
-    arch = target_arch()
-    config = config or cached_pv_config(d, nq, nk, fmt, arch)
-    flags = _format_args(fmt, arch, nk)
+    meta = _constexprs(cached_pv_config, config, fmt, d, nq, nk, (v.dtype, fmt.dtype))
     a_item, v_item, o_item = data.element_size(), v.element_size(), out.element_size()
-    dot_dtype, precision = _dot_dtype(v.dtype, fmt.dtype)
-    split = split_block_d(d) if config.split_d else (block_d(d), 0)
-    tk.cached_pv_kernel[(triton.cdiv(nq, config.block_m), b * h)](
+    tk.cached_pv_kernel[(triton.cdiv(nq, meta["BLOCK_M"]), b * h)](
         data, block_max, row_lse, v, out,
         _units(data.stride(0), a_item), _units(data.stride(1), a_item), _units(data.stride(2), a_item),
         block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
         _units(v.stride(0), v_item), _units(v.stride(1), v_item), _units(out.stride(0), o_item),
         _units(out.stride(1), o_item), h, nq, nk, items,
-        HEAD_DIM=d, INV_TOP=1.0 / fmt.top, ASM=not INTERPRET, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
-        BLOCK_D=split[0], BLOCK_D2=split[1], **flags, **config.launch_args())
+        INV_TOP=1.0 / fmt.top, ASM=not INTERPRET, **meta)
 
 
 def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: float, fmt,
@@ -94,30 +114,20 @@ def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: fl
     """Attention of ``q``, ``k``, ``v`` into ``out``, its map in format ``fmt`` into ``data`` (as for
     :func:`launch_cached_pv`), ``block_max``, ``row_lse``."""
     fmt = formats.get(fmt)
-    data = data.view(_data_dtype(fmt))
+    data = _items(data, fmt)
     q, k, v = (aligned_rows(x) for x in (q, k, v))
     b, nq, hd = q.shape
     d = hd // heads
     nk = k.shape[1]
-    arch = target_arch()
-    config = config or capture_config(d, nq, nk, fmt, arch)
-    flags = _format_args(fmt, arch, nk)
-    dot_dtype, precision = _dot_dtype(q.dtype, k.dtype, v.dtype)
+    meta = _constexprs(capture_config, config, fmt, d, nq, nk, (q.dtype, k.dtype, v.dtype))
     a_item = data.element_size()
-    tk.capture_kernel[(triton.cdiv(nq, config.block_m), b * heads)](
+    tk.capture_kernel[(triton.cdiv(nq, meta["BLOCK_M"]), b * heads)](
         q, k, v, out, data, block_max, row_lse,
         *(_units(x.stride(i), x.element_size()) for x in (q, k, v, out) for i in (0, 1)),
         _units(data.stride(0), a_item), _units(data.stride(1), a_item), _units(data.stride(2), a_item),
         block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
         scale * math.log2(math.e), heads, nq, nk, data.shape[-1],
-        HEAD_DIM=d, STORED_SUMS=fmt.stored_sums, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
-        **dict(zip(("BLOCK_D", "BLOCK_D2"), split_block_d(d) if config.split_d else (block_d(d), 0))),
-        **flags, **config.launch_args())
-
-
-def _data_dtype(fmt: formats.MapFormat) -> torch.dtype:
-    return torch.uint8 if fmt.bits <= 8 else fmt.dtype
+        TOP=fmt.top, STORED_SUMS=fmt.stored_sums, **meta)
 
 
 @torch.library.custom_op("attnreuse::cached_pv", mutates_args=())
@@ -141,7 +151,7 @@ def capture_buffers(q, k, v, heads: int, fmt):
     b, nq, _ = q.shape
     nk = k.shape[1]
     return (empty_rows(b, nq, v.shape[2], v.dtype, v.device),
-            q.new_empty(data_shape(b, heads, nq, nk, fmt), dtype=_data_dtype(fmt)),
+            q.new_empty(data_shape(b, heads, nq, nk, fmt), dtype=fmt.op_dtype),
             q.new_empty(b, heads, num_blocks(nk), nq, dtype=torch.float32),
             q.new_empty(b, heads, nq, dtype=torch.float32))
 
@@ -151,8 +161,9 @@ def capture_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sc
                map_format: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, Nq, H·D], data [B, H, Nq, items] (fp8/4-bit as uint8, see :mod:`.storage`),
     block_max [B, H, NB, Nq], row_lse [B, H, Nq])``."""
-    bufs = capture_buffers(q, k, v, heads, map_format)
-    launch_capture(*bufs, q, k, v, heads, scale, map_format)
+    fmt = formats.get(map_format)
+    bufs = capture_buffers(q, k, v, heads, fmt)
+    launch_capture(*bufs, q, k, v, heads, scale, fmt)
     return bufs
 
 

@@ -18,6 +18,7 @@ order (:func:`to_fragment_order`, applied by :mod:`.storage`).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +32,11 @@ E2M2_TOP = 7.0  # the largest unsigned E2M2 value: where a block's maximum is st
 
 # The kernels' format codes (the ``MAP_FORMAT`` constexpr): one per Triton decode/encode branch.
 KERNEL_FP16, KERNEL_BF16, KERNEL_FP8, KERNEL_E2M2 = range(4)
+
+
+def num_blocks(kv_tokens: int) -> int:
+    """Key blocks of a row of ``kv_tokens`` keys (the last one may be partial)."""
+    return -(-kv_tokens // KEY_BLOCK)
 
 
 def e2m2_codes(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +120,13 @@ class MapFormat:
 
     @property
     def keys_per_item(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size() * 8 // self.bits
+        return self.dtype.itemsize * 8 // self.bits
+
+    @property
+    def op_dtype(self) -> torch.dtype:
+        """The dtype ``data`` crosses the custom ops and reaches the kernels in: bytes for 8- and 4-bit maps
+        (PyTorch's CPU kernels, which the op checks run, know no arithmetic on their dtypes)."""
+        return torch.uint8 if self.bits <= 8 else self.dtype
 
     @property
     def stats_dtype(self) -> torch.dtype:
@@ -128,21 +140,16 @@ class MapFormat:
         """Items in a stored row of ``kv_tokens`` keys: padded to a multiple of :data:`ROW_ALIGN` bytes, or to
         whole key blocks in fragment order."""
         if self.in_fragment_order(kv_tokens):
-            return -(-kv_tokens // KEY_BLOCK) * KEY_BLOCK // self.keys_per_item
-        per_align = max(1, ROW_ALIGN // torch.empty((), dtype=self.dtype).element_size())
+            return num_blocks(kv_tokens) * KEY_BLOCK // self.keys_per_item
+        per_align = max(1, ROW_ALIGN // self.dtype.itemsize)
         items = -(-kv_tokens // self.keys_per_item)
         return -(-items // per_align) * per_align
 
     def nbytes(self, batch: int, heads: int, q_tokens: int, kv_tokens: int) -> int:
         """Bytes of one map: data plus a block maximum per (row, key block) and a log-sum-exp per row."""
         rows = batch * heads * q_tokens
-        size = torch.empty((), dtype=self.dtype).element_size()
-        stat = torch.empty((), dtype=self.stats_dtype).element_size()
-        return rows * (self.row_items(kv_tokens) * size + (-(-kv_tokens // KEY_BLOCK) + 1) * stat)
-
-    def bytes_per_key(self) -> float:
-        """Bytes per stored key, statistics included (long rows)."""
-        return self.bits / 8 + torch.empty((), dtype=self.stats_dtype).element_size() / KEY_BLOCK
+        stats = (num_blocks(kv_tokens) + 1) * self.stats_dtype.itemsize
+        return rows * (self.row_items(kv_tokens) * self.dtype.itemsize + stats)
 
 
 _REGISTRY: dict[str, MapFormat] = {}
@@ -168,6 +175,19 @@ def unregister(fmt: MapFormat) -> None:
         del _BY_DTYPE[dtype]
 
 
+@contextlib.contextmanager
+def registered(*fmts: MapFormat):
+    """``fmts`` registered for the block's duration (studies and tests of formats attnreuse does not ship)."""
+    done = []
+    try:
+        for fmt in fmts:
+            done.append(register(fmt))
+        yield fmts
+    finally:
+        for fmt in done:
+            unregister(fmt)
+
+
 def formats() -> list[MapFormat]:
     """Every registered format, once each, in registration order."""
     return list(dict.fromkeys(_REGISTRY.values()))
@@ -176,6 +196,11 @@ def formats() -> list[MapFormat]:
 def names() -> list[str]:
     """The ``cache_dtype`` names, one per format (the canonical one)."""
     return [f.name for f in formats()]
+
+
+def kernel_formats() -> list[str]:
+    """The names of the formats the Triton kernels take (``kernel`` set)."""
+    return [f.name for f in formats() if f.kernel is not None]
 
 
 def get(spec) -> MapFormat:
@@ -193,17 +218,17 @@ def get(spec) -> MapFormat:
 # fp8 stores rows shorter than a key block (cross-attention's 77 keys) in key order, padded to 16 bytes only
 # (80 bytes, not 128: SD1.5 512²'s fp8 maps stay under 1.5 GB); 4-bit rows always hold whole blocks, whose
 # 64 bytes a kernel decodes without gathering bytes (a 77-key row's map: 64 bytes instead of 48).
-for _fmt, _default in (
-    (MapFormat("fp32", torch.float32, 32, 1.0, _cast_encode(torch.float32, 1.0), torch.Tensor.float,
-               aliases=("float32",)), True),
-    (MapFormat("fp16", torch.float16, 16, 1.0, _cast_encode(torch.float16, 1.0), torch.Tensor.float, KERNEL_FP16,
-               aliases=("float16", "half")), True),
-    (MapFormat("bf16", torch.bfloat16, 16, 1.0, _cast_encode(torch.bfloat16, 1.0), torch.Tensor.float, KERNEL_BF16,
-               aliases=("bfloat16",)), True),
-    (MapFormat("fp8", FP8, 8, 448.0, _cast_encode(FP8, 448.0), torch.Tensor.float, KERNEL_FP8,
-               aliases=("float8_e4m3fn", "e4m3"), fragment_order=KEY_BLOCK, stages=1), True),
-    (MapFormat("fp4", FP4, 4, E2M2_TOP, _e2m2_encode, _e2m2_decode, KERNEL_E2M2, aliases=("e2m2", "ue2m2"),
-               fragment_order=1, stored_sums=True, stages=1), True),
-    (MapFormat("fp64", torch.float64, 64, 1.0, _cast_encode(torch.float64, 1.0), torch.Tensor.double), True),
+for _fmt in (
+    MapFormat("fp32", torch.float32, 32, 1.0, _cast_encode(torch.float32, 1.0), torch.Tensor.float,
+              aliases=("float32",)),
+    MapFormat("fp16", torch.float16, 16, 1.0, _cast_encode(torch.float16, 1.0), torch.Tensor.float, KERNEL_FP16,
+              aliases=("float16", "half")),
+    MapFormat("bf16", torch.bfloat16, 16, 1.0, _cast_encode(torch.bfloat16, 1.0), torch.Tensor.float, KERNEL_BF16,
+              aliases=("bfloat16",)),
+    MapFormat("fp8", FP8, 8, 448.0, _cast_encode(FP8, 448.0), torch.Tensor.float, KERNEL_FP8,
+              aliases=("float8_e4m3fn", "e4m3"), fragment_order=KEY_BLOCK, stages=1),
+    MapFormat("fp4", FP4, 4, E2M2_TOP, _e2m2_encode, _e2m2_decode, KERNEL_E2M2, aliases=("e2m2", "ue2m2"),
+              fragment_order=1, stored_sums=True, stages=1),
+    MapFormat("fp64", torch.float64, 64, 1.0, _cast_encode(torch.float64, 1.0), torch.Tensor.double),
 ):
-    register(_fmt, default_for_dtype=_default)
+    register(_fmt, default_for_dtype=True)

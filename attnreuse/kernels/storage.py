@@ -32,11 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import formats
-from .formats import KEY_BLOCK, MapFormat
-
-
-def num_blocks(kv_tokens: int) -> int:
-    return -(-kv_tokens // KEY_BLOCK)
+from .formats import KEY_BLOCK, MapFormat, num_blocks
 
 
 def data_shape(batch: int, heads: int, q_tokens: int, kv_tokens: int, fmt) -> tuple:

@@ -95,29 +95,29 @@ def _fragment_order(a, BLOCK_M: tl.constexpr, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _encode(p, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+def _encode(p, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr, TOP: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``p = exp2(s − m_blk)`` ``[BLOCK_M, BLOCK_N]`` -> ``(items to store, stored values, relative to the block
     maximum up to the constant ``_STORED_SCALE``)``; the second matters for formats whose rows are normalised
     by their stored values (E2M2)."""
     if MAP_FORMAT == MAP_FP8:
         if FP8_CVT:
-            e4m3 = (p * 448.0).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            e4m3 = (p * TOP).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         else:
-            u = (p * (448.0 / 256.0)).to(tl.float16).to(tl.uint16, bitcast=True)  # RNE on the 7 dropped bits
+            u = (p * (TOP / 256.0)).to(tl.float16).to(tl.uint16, bitcast=True)  # RNE on the 7 dropped bits
             e4m3 = ((u + 0x3F + ((u >> 7) & 1)) >> 7).to(tl.uint8)
         return (_fragment_order(e4m3, BLOCK_M, 2) if FRAGMENT else e4m3), p
     elif MAP_FORMAT == MAP_E2M2:
-        # The E2M2 code of p · 7 is the e5m2 byte of p · 7 · 2⁻¹⁴ (the top byte of its fp16 pattern): rounded to
-        # nearest, ties to even, by the hardware's conversion; without it, by rounding away the fp16 pattern's
-        # low 8 bits. Past NK, p = 0: code 0. The stored value comes back as the e5m2 number (level · 2⁻¹⁴ / 7,
-        # scaled back once per row by the caller).
+        # The E2M2 code of p · TOP (7) is the e5m2 byte of p · TOP · 2⁻¹⁴ (the top byte of its fp16 pattern):
+        # rounded to nearest, ties to even, by the hardware's conversion; without it, by rounding away the fp16
+        # pattern's low 8 bits. Past NK, p = 0: code 0. The stored value comes back as the e5m2 number
+        # (level · 2⁻¹⁴ / TOP, scaled back once per row by the caller).
         if FP8_CVT:
-            q = (p * (7.0 / 16384.0)).to(tl.float8e5)
+            q = (p * (TOP / 16384.0)).to(tl.float8e5)
             codes = q.to(tl.uint8, bitcast=True)
             level = q.to(tl.float32)
         else:
-            u = (p * (7.0 / 16384.0)).to(tl.float16).to(tl.uint16, bitcast=True)
+            u = (p * (TOP / 16384.0)).to(tl.float16).to(tl.uint16, bitcast=True)
             codes = ((u + 0x7F + ((u >> 8) & 1)) >> 8).to(tl.uint8)
             level = (codes.to(tl.uint16) << 8).to(tl.float16, bitcast=True).to(tl.float32)
         lo, hi = tl.split(tl.reshape(codes, (BLOCK_M, BLOCK_N // 2, 2)))
@@ -136,9 +136,9 @@ def _decoded_scale(MAP_FORMAT: tl.constexpr, FP8_CVT: tl.constexpr):
 
 
 @triton.jit
-def _stored_scale(MAP_FORMAT: tl.constexpr):
+def _stored_scale(MAP_FORMAT: tl.constexpr, TOP: tl.constexpr):
     """What ``_encode``'s stored values are multiplied by to be relative to the block maximum."""
-    return 16384.0 / 7.0 if MAP_FORMAT == MAP_E2M2 else 1.0
+    return 16384.0 / TOP if MAP_FORMAT == MAP_E2M2 else 1.0
 
 
 @triton.jit
@@ -173,7 +173,7 @@ def cached_pv_kernel(
     HEAD_DIM: tl.constexpr, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr,
     ASM: tl.constexpr, INV_TOP: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """O = Σ over key blocks of (values_blk · V_blk) · exp2(block_max − row_lse) / TOP: one fp32 multiply per
@@ -204,11 +204,11 @@ def cached_pv_kernel(
         a = tl.load(a_ptrs, mask=mask_m[:, None] & item_ok[None, :], other=0)
         a = _decode(a, MAP_FORMAT, FRAGMENT, FP8_CVT, ASM, BLOCK_M, BLOCK_N).to(DOT_DTYPE)
         v = tl.load(v_row + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
-        acc += tl.dot(a, v.to(DOT_DTYPE), input_precision=PRECISION) * f[:, None]
+        acc += tl.dot(a, v.to(DOT_DTYPE)) * f[:, None]
         if BLOCK_D2 > 0:
             d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
             v2 = tl.load(v_row + d2[None, :], mask=key_ok[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0)
-            acc2 += tl.dot(a, v2.to(DOT_DTYPE), input_precision=PRECISION) * f[:, None]
+            acc2 += tl.dot(a, v2.to(DOT_DTYPE)) * f[:, None]
         a_ptrs += A_STEP
         v_row += BLOCK_N * _rows(V, sv_n)
     o_row = O + b * _rows(O, so_b) + h * HEAD_DIM + offs_m[:, None] * _rows(O, so_m)
@@ -234,8 +234,8 @@ def capture_kernel(
     qk_scale,  # softmax scale · log2(e)
     H, NQ, NK, ROW_ITEMS,
     HEAD_DIM: tl.constexpr, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr,
-    STORED_SUMS: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    TOP: tl.constexpr, STORED_SUMS: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """One pass over K: per key block, p = exp2(s − m_blk) is stored (relative to the block's own maximum)
@@ -265,16 +265,16 @@ def capture_kernel(
     for start in range(0, NK, BLOCK_N):
         key_ok = ((start + offs_n) < NK) | EVEN_N
         kt = tl.load(k_col + d1[:, None], mask=(d1 < HEAD_DIM)[:, None] & key_ok[None, :], other=0.0)  # Kᵀ
-        s = tl.dot(q1, kt.to(DOT_DTYPE), input_precision=PRECISION)
+        s = tl.dot(q1, kt.to(DOT_DTYPE))
         if BLOCK_D2 > 0:
             kt2 = tl.load(k_col + d2[:, None], mask=(d2 < HEAD_DIM)[:, None] & key_ok[None, :], other=0.0)
-            s = tl.dot(q2, kt2.to(DOT_DTYPE), s, input_precision=PRECISION)
+            s = tl.dot(q2, kt2.to(DOT_DTYPE), s)
         s = s * qk_scale
         if not EVEN_N:
             s = tl.where(key_ok[None, :], s, float("-inf"))
         m_blk = tl.max(s, 1)  # finite: every block has at least one key
         p = tl.math.exp2(s - m_blk[:, None])  # in [0, 1], the block's maximum is 1; 0 past NK
-        items, stored = _encode(p, MAP_FORMAT, FRAGMENT, FP8_CVT, BLOCK_M, BLOCK_N)
+        items, stored = _encode(p, MAP_FORMAT, FRAGMENT, FP8_CVT, TOP, BLOCK_M, BLOCK_N)
         item_ok = (start // (BLOCK_N // A_STEP) + offs_i < ROW_ITEMS) | EVEN_N
         tl.store(a_ptrs, items.to(A.dtype.element_ty), mask=mask_m[:, None] & item_ok[None, :])
         tl.store(x_ptrs, m_blk, mask=mask_m)
@@ -286,16 +286,16 @@ def capture_kernel(
             l_stored = l_stored * alpha + tl.sum(stored, 1) * beta
         pb = (p * beta[:, None]).to(DOT_DTYPE)
         v = tl.load(v_row + d1[None, :], mask=key_ok[:, None] & (d1 < HEAD_DIM)[None, :], other=0.0)
-        acc1 = tl.dot(pb, v.to(DOT_DTYPE), acc1 * alpha[:, None], input_precision=PRECISION)
+        acc1 = tl.dot(pb, v.to(DOT_DTYPE), acc1 * alpha[:, None])
         if BLOCK_D2 > 0:
             v2 = tl.load(v_row + d2[None, :], mask=key_ok[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0)
-            acc2 = tl.dot(pb, v2.to(DOT_DTYPE), acc2 * alpha[:, None], input_precision=PRECISION)
+            acc2 = tl.dot(pb, v2.to(DOT_DTYPE), acc2 * alpha[:, None])
         m_i = m_new
         k_col += BLOCK_N * _rows(K, sk_n)
         v_row += BLOCK_N * _rows(V, sv_n)
         a_ptrs += A_STEP
         x_ptrs += NQ
-    lse = m_i + tl.math.log2(l_stored * _stored_scale(MAP_FORMAT) if STORED_SUMS else l_i)
+    lse = m_i + tl.math.log2(l_stored * _stored_scale(MAP_FORMAT, TOP) if STORED_SUMS else l_i)
     tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=mask_m)
     o_row = O + b * _rows(O, so_b) + h * HEAD_DIM + offs_m[:, None] * _rows(O, so_m)
     tl.store(o_row + d1[None, :], (acc1 / l_i[:, None]).to(O.dtype.element_ty),

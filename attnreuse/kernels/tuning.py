@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
-from .formats import MapFormat
+from .formats import KEY_BLOCK, MapFormat
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KEY_TILE = 128  # keys per loop iteration: one key block of the storage format
 SHARED_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes of shared memory a block may use
 # Larger head dims take the PyTorch path: with 128-key tiles their accumulators and V fragments spill registers
 # on sm_89 in every config tried; in SD1.5 they are the 16² and 8² levels (256 and 64 queries, maps of 1 MB).
@@ -29,8 +28,8 @@ class Config:
     num_stages: int
     split_d: bool = False  # a head dim that is no power of two as two dots (e.g. 80 = 64 + 16)
 
-    def launch_args(self) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_N=KEY_TILE, num_warps=self.num_warps, num_stages=self.num_stages)
+    def launch_args(self) -> dict:  # the kernels' key tile is one key block of the storage format
+        return dict(BLOCK_M=self.block_m, BLOCK_N=KEY_BLOCK, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
 def block_d(head_dim: int) -> int:
@@ -49,7 +48,7 @@ def split_block_d(head_dim: int) -> tuple[int, int]:
 def _stages(wanted: int, stage_bytes: int, arch: int, kv_tokens: int) -> int:
     """At most ``wanted`` pipeline stages, as many as the architecture's shared memory holds (at least 1); one
     for rows of a single key block (cross-attention's 77 keys), where there is nothing to overlap."""
-    if kv_tokens <= KEY_TILE:
+    if kv_tokens <= KEY_BLOCK:
         return 1
     room = SHARED_PER_BLOCK.get(arch, SHARED_PER_BLOCK[80]) - 8192  # leave room for layout conversions
     return max(1, min(wanted, room // stage_bytes))
@@ -67,7 +66,7 @@ def cached_pv_config(head_dim: int, q_tokens: int, kv_tokens: int, fmt: MapForma
         return Config(16, 1, 1, split_d=True)
     block_m = 128 if q_tokens > 64 else 64
     warps = 4 if arch >= 90 and block_d(head_dim) <= 64 and fmt.bits != 8 else 8
-    stage = block_m * KEY_TILE * fmt.bits // 8 + KEY_TILE * sum(split_block_d(head_dim)) * 2
+    stage = block_m * KEY_BLOCK * fmt.bits // 8 + KEY_BLOCK * sum(split_block_d(head_dim)) * 2
     return Config(block_m, warps, _stages(3 + fmt.stages, stage, arch, kv_tokens), split_d=True)
 
 
@@ -79,7 +78,7 @@ def capture_config(head_dim: int, q_tokens: int, kv_tokens: int, fmt: MapFormat,
     if INTERPRET:
         return Config(16, 1, 1, split_d=True)
     big = q_tokens > 1024 and block_d(head_dim) <= 64
-    stage = 2 * KEY_TILE * sum(split_block_d(head_dim)) * 2
+    stage = 2 * KEY_BLOCK * sum(split_block_d(head_dim)) * 2
     return Config(128 if big else 64, 8 if big else 4, _stages(2, stage, arch, kv_tokens), split_d=True)
 
 
