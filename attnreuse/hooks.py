@@ -60,13 +60,14 @@ class UnetCalls:
         # forward's parameter names: UNets take (sample, timestep, encoder_hidden_states, ...), DiT transformers
         # (hidden_states, encoder_hidden_states, timestep, ...); either may come by position or by keyword
         self.params = list(inspect.signature(type(unet).forward).parameters)[1:]
+        self.position = {name: i for i, name in enumerate(self.params)}
         self.handles = (unet.register_forward_pre_hook(self.before, with_kwargs=True),
                         unet.register_forward_hook(self.after))
 
     def argument(self, name: str, args, kwargs):
         if name in kwargs:
             return kwargs[name]
-        i = self.params.index(name)
+        i = self.position[name]
         return args[i] if i < len(args) else None
 
     def before(self, module, args, kwargs):

@@ -37,6 +37,13 @@ def _rho(entry: dict) -> Rho:
                entry["card"], entry["px"])
 
 
+def rho_entry(card: str, arch: str, px: int, date: str, default_ms: float, reuse_fp8_ms: float, source: str) -> dict:
+    """One entry of ``measured.json``'s ``rho`` list, as ``bench/e2e.py`` runs and ``python -m attnreuse bench``
+    record it."""
+    return {"card": card, "arch": arch, "px": px, "date": date, "default_ms": default_ms,
+            "reuse_fp8_ms": reuse_fp8_ms, "rho": round(reuse_fp8_ms / default_ms, 3), "source": source}
+
+
 def e2e_entries(path) -> list[dict]:
     """``measured.json`` entries from a ``bench/e2e.py --json`` file (graph-mode cases only)."""
     path = Path(path)
@@ -47,10 +54,8 @@ def e2e_entries(path) -> list[dict]:
     written = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
     date = results.get("date") or written.date()
     try:
-        entries = [{"card": results["card"], "arch": c["arch"], "px": c["px"], "date": str(date),
-                    "default_ms": c["default"]["graph"], "reuse_fp8_ms": c["reuse_fp8"]["graph"],
-                    "rho": round(c["reuse_fp8"]["graph"] / c["default"]["graph"], 3),
-                    "source": f"bench/e2e.py, torch {results.get('torch', '?')}"}
+        entries = [rho_entry(results["card"], c["arch"], c["px"], str(date), c["default"]["graph"],
+                             c["reuse_fp8"]["graph"], f"bench/e2e.py, torch {results.get('torch', '?')}")
                    for c in results["cases"] if c.get("mode") == "graph"]
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} lacks the field {e}: pass the --json file of a GPU run of bench/e2e.py") from e

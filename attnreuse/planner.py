@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from . import kernels
 from .kernels import MapFormat, formats, storage_nbytes
-from .config import resolve_format
 from .timing import median_ms
 from .kernels.reference import split_heads
 
@@ -163,4 +162,4 @@ def _measure(s: LayerShape, fmt: MapFormat, device, model_dtype, backend) -> Lay
 def auto_formats(model_dtype: torch.dtype) -> tuple[MapFormat, ...]:
     """The map formats ``cache_dtype="auto"`` chooses among, by measured time saved: the model's dtype, fp8
     and fp4 (their quality cost against fp16 maps on the embedded model's PHAST schedules: docs/fidelity.md)."""
-    return tuple(dict.fromkeys((resolve_format(None, model_dtype), formats.get("fp8"), formats.get("fp4"))))
+    return tuple(dict.fromkeys((formats.get(model_dtype), formats.get("fp8"), formats.get("fp4"))))

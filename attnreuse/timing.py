@@ -1,5 +1,5 @@
-"""Timing on a device, for the planner, the command line and the benchmarks: a median timer and CUDA-graph
-capture."""
+"""Timing on a device, for the planner, the command line and the benchmarks: a median timer, CUDA-graph
+capture, and a UNet's capturing and reusing steps."""
 from __future__ import annotations
 
 import time
@@ -39,3 +39,16 @@ def graphed(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+def capture_and_reuse(unet: torch.nn.Module, time_fn, cache_dtype: str | None) -> tuple:
+    """``time_fn()`` of one call of ``unet`` patched to capture the maps in ``cache_dtype``, then to reuse them,
+    and the bytes of the cached maps: ``(capture, reuse, nbytes)``."""
+    from .patching import patch  # patching imports this module (through the planner)
+
+    with patch(unet, "10", cache_dtype=cache_dtype) as handle, handle.generation(2) as gen:
+        gen.hold(0)  # "10": step 0 captures
+        capture = time_fn()
+        gen.hold(1)  # every call now reuses the maps of the last capture
+        reuse = time_fn()
+        return capture, reuse, handle.cache_bytes

@@ -21,14 +21,16 @@ import torch
 
 import attnreuse
 from attnreuse import measured
-from attnreuse.timing import graphed, median_ms
+from attnreuse.timing import capture_and_reuse, graphed, median_ms
 from attnreuse.phast import psnr
 from attnreuse.schedule import as_schedule, to_string
 
 from . import files
 from .figures import image_grid
 from .models import EMBEDDED, Model, model_key
-from .options import UsageError, add_model_arguments, check_model, check_sampling, device_and_dtype, fail, load_model
+from .options import (UsageError, add_model_arguments, check_model, check_out_dir, check_sampling, device_and_dtype,
+                      fail, load_model)
+from .world import World
 
 GRID_COLUMNS = 8
 CPU_NOTE = ("CPU: eager PyTorch timings, no CUDA graphs and no Triton kernels; attention is a small share of a "
@@ -70,7 +72,7 @@ def read_schedule(path: str) -> dict:
 
 def check(args):
     """Arguments checked, defaults taken from the schedule file, the model loaded."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if World().size > 1:
         raise UsageError("bench measures one device", "run it without torchrun or accelerate launch")
     found = read_schedule(args.schedule)
     check_model(args.model)
@@ -87,9 +89,7 @@ def check(args):
     calibration, resolution = check_sampling(args, embedded, prompts=stored.get("prompts"))
     if args.reps is not None and args.reps < 1:
         raise UsageError(f"--reps {args.reps}", "pass 1 or more repetitions")
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file", "pass a folder (created if missing)")
+    out = check_out_dir(Path(args.out).expanduser())
     if args.update_measured is not None:
         if not torch.cuda.is_available():
             raise UsageError("--update-measured needs a GPU: ρ is a CUDA-graph measurement",
@@ -162,12 +162,7 @@ class StepTimer:
     def steps(self, cache_dtype) -> dict:
         """A computing (unpatched), capturing and reusing step with ``cache_dtype`` maps."""
         compute = self.ms()
-        with attnreuse.patch(self.unet, "10", cache_dtype=cache_dtype) as handle, handle.generation(2) as gen:
-            gen.hold(0)  # "10": step 0 stores the maps
-            capture = self.ms()
-            gen.hold(1)  # every call now reuses them
-            reuse = self.ms()
-            nbytes = handle.cache_bytes
+        capture, reuse, nbytes = capture_and_reuse(self.unet, self.ms, cache_dtype)
         return {"compute": compute, "capture": capture, "reuse": reuse, "rho": reuse / compute, "cache_bytes": nbytes}
 
 
@@ -203,6 +198,7 @@ def run(args, found: dict, calibration, model: Model, out: Path) -> dict:
     if timer.note:
         notes.append(timer.note)
     card = torch.cuda.get_device_name(model.device) if cuda else "cpu"
+    per_image = {"schedule": psnr(patched, reference), "fewer_steps": psnr(fewer_images, reference)}
     report = {
         "device": card, "step_timing": "CUDA graphs" if timer.graphs else "eager",
         **model.describe(), "scheduler": args.scheduler, "cache_dtype": args.cache_dtype,
@@ -211,15 +207,14 @@ def run(args, found: dict, calibration, model: Model, out: Path) -> dict:
         "step_ms": steps,
         "generation_ms": {"full": full_ms, "schedule": patched_ms, "fewer_steps": fewer_ms},
         "fewer_steps": fewer,
-        "psnr_db": {"schedule": psnr(patched, reference).mean().item(),
-                    "fewer_steps": psnr(fewer_images, reference).mean().item()},
-        "psnr_per_image_db": {"schedule": psnr(patched, reference).tolist(),
-                              "fewer_steps": psnr(fewer_images, reference).tolist()},
+        "psnr_db": {k: v.mean().item() for k, v in per_image.items()},
+        "psnr_per_image_db": {k: v.tolist() for k, v in per_image.items()},
         "notes": notes, "date": datetime.date.today().isoformat(), "version": attnreuse.__version__,
         "torch": torch.__version__, "diffusers": diffusers.__version__,
     }
+    text = markdown(report)
     files.write_json(out / "report.json", report)
-    files.write_text(out / "report.md", markdown(report))
+    files.write_text(out / "report.md", text)
     k = min(GRID_COLUMNS, len(reference))
     rows = [reference[:k], patched[:k], fewer_images[:k]]
     labels = [f"full, {n} steps\n{full_ms:.0f} ms", f"schedule, {r} reuse\n{patched_ms:.0f} ms, "
@@ -231,7 +226,7 @@ def run(args, found: dict, calibration, model: Model, out: Path) -> dict:
         entry = measured_entry(report, fp8, model, card)
         update_measured(args.update_measured, entry)
         print(f"ρ = {entry['rho']} for {card} {entry['arch']} {entry['px']}² -> {args.update_measured}")
-    print(markdown(report), flush=True)
+    print(text, flush=True)
     print(f"wrote {out / 'report.md'}, report.json, grid.png")
     return report
 
@@ -264,10 +259,10 @@ def markdown(report: dict) -> str:
 
 
 def measured_entry(report: dict, fp8: dict, model: Model, card: str) -> dict:
-    """One ``rho`` entry of ``measured.json`` (the keys :func:`attnreuse.measured.e2e_entries` writes)."""
-    return {"card": card, "arch": model.arch(), "px": report["resolution"][1], "date": report["date"],
-            "default_ms": fp8["compute"], "reuse_fp8_ms": fp8["reuse"], "rho": round(fp8["reuse"] / fp8["compute"], 3),
-            "source": f"python -m attnreuse bench, {report['model']}, batch {report['batch']}, torch {report['torch']}"}
+    """One ``rho`` entry of ``measured.json`` from ``report`` and ``fp8``, :meth:`StepTimer.steps` with fp8 maps."""
+    source = f"python -m attnreuse bench, {report['model']}, batch {report['batch']}, torch {report['torch']}"
+    return measured.rho_entry(card, model.arch(), report["resolution"][1], report["date"], fp8["compute"],
+                              fp8["reuse"], source)
 
 
 def update_measured(path, entry: dict) -> None:
@@ -275,7 +270,7 @@ def update_measured(path, entry: dict) -> None:
     data = json.loads(Path(path).read_text())
     same = (entry["card"], entry["arch"], entry["px"])
     data["rho"] = [e for e in data["rho"] if (e.get("card"), e.get("arch"), e.get("px")) != same] + [entry]
-    files.write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    files.write_json(path, data)
 
 
 def main(argv=None) -> dict:

@@ -98,8 +98,9 @@ class Model:
 
     def arch(self) -> str:
         """A short tag for ``measured.json``: the public architecture the UNet's text width suggests."""
-        width = self.unet.config.cross_attention_dim
-        return {768: "sd15", 1024: "sd21", 2048: "sdxl"}.get(width, re.sub(r"\W+", "_", Path(self.name).name))
+        from attnreuse.architectures import CONFIGS
+        by_width = {config["cross_attention_dim"]: name for name, config in CONFIGS.items()}
+        return by_width.get(self.unet.config.cross_attention_dim, re.sub(r"\W+", "_", Path(self.name).name))
 
 
 class EmbeddedModel(Model):
@@ -114,8 +115,9 @@ class EmbeddedModel(Model):
         self.resolution = (self.pipe.unet.config.sample_size,) * 2
 
     def sample(self, items, steps: int) -> torch.Tensor:
+        from attnreuse.embedded import generate
         kwargs = {} if self.guidance is None else {"guidance_scale": self.guidance}
-        return self.pipe([int(p) for p, _ in items], [s for _, s in items], num_inference_steps=steps, **kwargs)
+        return generate(self.pipe, [(int(p), s) for p, s in items], steps, **kwargs)
 
 
 class PipelineModel(Model):

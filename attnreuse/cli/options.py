@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,10 +15,12 @@ import torch
 from attnreuse.kernels import formats
 
 from .models import DTYPES, EMBEDDED, SCHEDULERS, Calibration, Model, NoUNetError, load, model_kind
+from .world import World
 
 # the embedded model's default calibration (seed 0), the demo's digits: six keep a 20-step search of two rounds
 # (164 samplings) near two minutes on 2 CPU cores, where all ten take three
 EMBEDDED_CLASSES = (0, 2, 3, 5, 7, 8)
+NO_UNET_FIX = "attnreuse reuses a UNet's attention maps: pass a UNet pipeline (SD1.5, SD2.x, SDXL, ...)"
 
 
 class UsageError(Exception):
@@ -31,7 +32,7 @@ class UsageError(Exception):
 
 def fail(command: str, error: UsageError):
     """Print ``error`` as one line (once, from the first process of a distributed run) and exit with 2."""
-    if os.environ.get("RANK", "0") == "0":
+    if World().first:
         print(f"attnreuse {command}: {error}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -85,8 +86,14 @@ def check_model(value: str) -> None:
                          "re-save the pipeline with save_pretrained, or pass another folder") from None
     if not isinstance(components, dict) or "unet" not in components:
         name = components.get("_class_name", "pipeline") if isinstance(components, dict) else "pipeline"
-        raise UsageError(f"--model {value} is a {name} without a UNet",
-                         "attnreuse reuses a UNet's attention maps: pass a UNet pipeline (SD1.5, SD2.x, SDXL, ...)")
+        raise UsageError(f"--model {value} is a {name} without a UNet", NO_UNET_FIX)
+
+
+def check_out_dir(out: Path) -> Path:
+    """``out``, unless it is a file: the commands create it as a folder once every other check has passed."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file", "pass a folder (created if missing)")
+    return out
 
 
 def read_prompts(path: str, embedded: bool) -> tuple:
@@ -162,8 +169,7 @@ def load_model(args, device: torch.device, dtype: torch.dtype, resolution) -> Mo
     try:
         return load(args.model, args.scheduler, device, dtype, resolution, args.guidance)
     except NoUNetError as e:
-        raise UsageError(f"--model {args.model}: {e}",
-                         "attnreuse reuses a UNet's attention maps: pass a UNet pipeline (SD1.5, SD2.x, SDXL, ...)")
+        raise UsageError(f"--model {args.model}: {e}", NO_UNET_FIX)
     except Exception as e:  # diffusers and the hub raise many kinds; the first line of any says enough
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise UsageError(f"--model {args.model} cannot be loaded ({type(e).__name__}: {first})",

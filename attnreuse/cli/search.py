@@ -9,6 +9,7 @@ gather, and ``schedule.json`` plus ``utility.png`` at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,8 +26,8 @@ from attnreuse.schedule import hurry, to_string
 from . import files
 from .figures import utility_plot
 from .models import EMBEDDED, Calibration, Model, model_key
-from .options import (UsageError, add_model_arguments, check_model, check_sampling, device_and_dtype, fail,
-                      load_model)
+from .options import (UsageError, add_model_arguments, check_model, check_out_dir, check_sampling, device_and_dtype,
+                      fail, load_model)
 from .trace import Trace
 from .world import World
 
@@ -79,7 +80,7 @@ class Plan:
     calibration: Calibration
     key: dict
     out: Path
-    trace: Trace | None  # rank 0's, read for --resume
+    resumed: dict | None  # the scores of rank 0's trace.json, read for --resume
 
 
 def check(args, world: World) -> Plan:
@@ -107,20 +108,18 @@ def check(args, world: World) -> Plan:
            "prompts": list(calibration.prompts), "seeds": list(calibration.seeds),
            "batch_size": calibration.batch_size, "device": device.type}
     out = Path(args.out).expanduser()
-    trace = check_out(out, args.resume, key) if world.first else None  # only rank 0 touches OUT
+    resumed = check_out(out, args.resume, key) if world.first else None  # only rank 0 touches OUT
     if not world.first:
         diffusers.utils.logging.disable_progress_bar()  # one set of loading bars, rank 0's
     model = load_model(args, device, dtype, resolution)
-    return Plan(args, model, calibration, key, out, trace)
+    return Plan(args, model, calibration, key, out, resumed)
 
 
-def check_out(out: Path, resume: bool, key: dict) -> Trace | None:
-    """The output folder (created if missing, once all else is checked) and, for --resume, its trace of the
-    same search."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file", "pass a folder (created if missing)")
-    path = out / "trace.json"
-    trace = None
+def check_out(out: Path, resume: bool, key: dict) -> dict | None:
+    """The output folder (created if missing, once all else is checked) and, for --resume, the scores its trace
+    of the same search holds."""
+    path = check_out_dir(out) / "trace.json"
+    entries = None
     if resume:
         if not path.exists():
             raise UsageError(f"--resume: {path} does not exist", "run without --resume to start a search")
@@ -130,7 +129,7 @@ def check_out(out: Path, resume: bool, key: dict) -> Trace | None:
             if old != new:
                 raise UsageError(f"--resume: {path} is a search with {field} {_short(old)}, not {_short(new)}",
                                  f"pass the same {flag} to continue it, or another --out for a new search")
-        trace.images = len(key["prompts"]) * len(key["seeds"])
+        entries = trace.entries
     elif path.exists():
         raise UsageError(f"--out {out} holds a search already ({path.name})",
                          "pass --resume to continue it, or another --out (or delete it) to start over")
@@ -140,7 +139,7 @@ def check_out(out: Path, resume: bool, key: dict) -> Trace | None:
         (out / ".write-test").unlink()
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write there ({e.strerror})", "pass a writable folder") from None
-    return trace
+    return entries
 
 
 def _short(value) -> str:
@@ -157,7 +156,7 @@ class Scorer:
         self.steps, self.cache_dtype = plan.args.steps, plan.args.cache_dtype
         self.path = plan.out / "trace.json"
         self.batches = plan.calibration.batches()
-        starts = [sum(len(b) for b in self.batches[:i]) for i in range(len(self.batches))]
+        starts = itertools.accumulate(map(len, self.batches), initial=0)  # zip drops the last, the total
         self.ranges = [range(s, s + len(b)) for s, b in zip(starts, self.batches)]
         self.references: dict[int, torch.Tensor] = {}  # full-sampler images per batch, sampled when first needed
         self.calls = 0
@@ -201,7 +200,7 @@ def run(plan: Plan, world: World) -> dict | None:
     """The search; rank 0 writes and returns schedule.json's content."""
     args = plan.args
     trace = Trace(plan.key, len(plan.calibration.items))
-    trace.entries = world.share(plan.trace.entries if plan.trace is not None else {})
+    trace.entries = world.share(plan.resumed if plan.resumed is not None else {})
     scorer = Scorer(plan, world, trace)
     bar = tqdm(total=args.max_rounds, desc="PHAST", unit="round", disable=not world.first, file=sys.stderr)
 

@@ -116,9 +116,9 @@ def load_default(scheduler: str = "ddim", device="cpu", dtype=torch.float32, wei
     return DigitsPipeline(unet.eval(), make_scheduler(scheduler), tokens.eval())
 
 
-def generate(pipe: DigitsPipeline, pairs, steps: int = 20) -> torch.Tensor:
-    """Sample every (class, seed) pair in one batch."""
-    return pipe([c for c, _ in pairs], [s for _, s in pairs], num_inference_steps=steps)
+def generate(pipe: DigitsPipeline, pairs, steps: int = 20, **kwargs) -> torch.Tensor:
+    """Sample every (class, seed) pair in one batch; ``kwargs`` go to the pipeline (e.g. ``guidance_scale``)."""
+    return pipe([c for c, _ in pairs], [s for _, s in pairs], num_inference_steps=steps, **kwargs)
 
 
 def searched_schedules() -> dict:
