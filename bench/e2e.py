@@ -28,16 +28,14 @@ if __package__ in (None, ""):  # run as a file: python bench/e2e.py
 
 import attnreuse
 from attnreuse.architectures import CONFIGS as PUBLIC_CONFIGS, TEXT_TOKENS
-from attnreuse.timing import graphed, median_ms
-from bench.measure import copy_bandwidth  # noqa: E402
+from attnreuse.timing import capture_and_reuse, graphed, median_ms
+from bench.measure import DEEPCACHE_INTERVAL, PHAST_SD15, copy_bandwidth, deepcache  # noqa: E402
 
 CONFIGS = dict(PUBLIC_CONFIGS, tiny=dict(  # tiny: the CPU dry run
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
     layers_per_block=1, norm_num_groups=16, cross_attention_dim=32, attention_head_dim=4))
 CASES = [("sd15", 512), ("sd15", 768), ("sd15", 1024), ("sd21", 768), ("sdxl", 1024)]
-DEEPCACHE_INTERVAL = 3
-PHAST_SD15 = "11111111010001000000"  # the paper's PHAST-10 for SD1.5, 20-step DDIM
 
 
 class SkipAttention:
@@ -92,11 +90,7 @@ class Bench:
         replay as CUDA graphs (the cached blocks' outputs are the full step's graph outputs)."""
         from types import SimpleNamespace
 
-        from DeepCache import DeepCacheSDHelper
-
-        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=self.unet))
-        helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=0)
-        helper.enable()
+        helper = deepcache(SimpleNamespace(unet=self.unet))
         del self.unet.forward  # the class's forward again, without the step-finding wrapper
         helper.start_timestep = 0
         r = {}
@@ -115,12 +109,7 @@ class Bench:
         return r
 
     def reuse_and_capture(self, cache_dtype: str) -> tuple[dict, dict, int]:
-        with attnreuse.patch(self.unet, "10", cache_dtype=cache_dtype) as handle, handle.generation(2) as gen:
-            gen.hold(0)  # "10": step 0 captures
-            capture = self.time_call()
-            gen.hold(1)  # every call now reuses the maps of the last capture
-            reuse = self.time_call()
-            nbytes = handle.cache_bytes
+        capture, reuse, nbytes = capture_and_reuse(self.unet, self.time_call, cache_dtype)
         return reuse, capture, nbytes
 
     @torch.no_grad()

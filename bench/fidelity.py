@@ -306,7 +306,7 @@ def study_format(code: Code) -> formats.MapFormat:
                              stored_sums=code.rowsum)
 
 
-SHIPPED = {"fp16": "fp16", "fp8 row": "fp8", "ue2m2 b128 Σ": "fp4"}  # study codes attnreuse ships as formats
+SHIPPED = {"fp32": "fp32", "fp16": "fp16", "fp8 row": "fp8", "ue2m2 b128 Σ": "fp4"}  # codes attnreuse ships as formats
 
 
 def e2e_table(args) -> list[dict]:
@@ -314,10 +314,8 @@ def e2e_table(args) -> list[dict]:
     shipped formats as users get them, the other codes registered as formats for the run."""
     rows = []
     searched = searched_schedules()
-    registered = {name: study_format(CODES[name]) for name in args.e2e_codes if name in CODES and name not in SHIPPED}
-    for fmt in registered.values():
-        formats.register(fmt)
-    try:
+    registered = {name: study_format(CODES[name]) for name in args.e2e_codes if name not in SHIPPED}
+    with formats.registered(*registered.values()):
         for sched_name in args.schedulers:
             pipe = load_default(sched_name)
             reference = generate(pipe, args.pairs, args.steps)
@@ -330,7 +328,7 @@ def e2e_table(args) -> list[dict]:
                     t0 = time.time()
                     psnr = {}
                     for name in args.e2e_codes:
-                        fmt = "fp32" if name == "fp32" else SHIPPED.get(name) or registered[name]
+                        fmt = SHIPPED.get(name) or registered[name]
                         with attnreuse.patch(pipe, schedule, cache_dtype=fmt, backend="torch"):
                             images = generate(pipe, args.pairs, args.steps)
                         psnr[name] = attnreuse.psnr(images, reference).mean().item()
@@ -342,9 +340,6 @@ def e2e_table(args) -> list[dict]:
                     print(f"{sched_name} r={r} {strategy}: fp32 {psnr['fp32']:.2f} dB, "
                           + ", ".join(f"{n} {psnr.get('fp16', 0) - p:+.2f}" for n, p in psnr.items() if n != "fp32")
                           + f" dB loss vs fp16 ({time.time() - t0:.0f} s)", flush=True)
-    finally:
-        for fmt in registered.values():
-            formats.unregister(fmt)
     return rows
 
 

@@ -4,7 +4,7 @@
 attnreuse's capture reads, the head dim a compile-time constant (so rows load as 16-byte vectors where the
 layout allows), launched with the capture's own tile, warps and stages. The capture kernel does this plus
 writing its map; the report compares the two instruction streams tile by tile. Runs on a GPU or in Triton's
-interpreter; ``bench/test_bench_kernels.py`` checks it against PyTorch.
+interpreter; ``tests/test_sass_budgets.py`` checks it against float64 attention.
 """
 from __future__ import annotations
 
@@ -48,11 +48,13 @@ def flash_kernel(Q, K, V, O, stride_b, stride_n, stride_bk, stride_nk, qk_scale,
     tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=(offs_m < NQ)[:, None] & mask_d[None, :])
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, config) -> torch.Tensor:
-    """Attention of contiguous ``[B, N, H·D]`` fp16/bf16 ``q``, ``k``, ``v`` with a capture ``config``."""
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, config,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of contiguous ``[B, N, H·D]`` fp16/bf16 ``q``, ``k``, ``v`` with a capture ``config``, into ``out``
+    (like ``q``) if given."""
     b, nq, hd = q.shape
     d = hd // heads
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     flash_kernel[(triton.cdiv(nq, config.block_m), b * heads)](
         q, k, v, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale * 1.4426950408889634, heads, nq,
         k.shape[1], HEAD_DIM=d, BLOCK_M=config.block_m, BLOCK_N=128, BLOCK_D=max(16, triton.next_power_of_2(d)),

@@ -31,12 +31,12 @@ from attnreuse.kernels import CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
 from attnreuse.kernels.custom_ops import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
 from attnreuse.kernels.tuning import RULES, VARIANTS
-from bench.measure import SHAPES, bench_ms, copy_bandwidth  # noqa: E402
+from bench.measure import FORMAT_TAGS, PHAST_SD15, SHAPES, bench_ms, copy_bandwidth  # noqa: E402
 
-MAP_FORMATS = {"16": "fp16", "8": "fp8"}  # the table's columns; --fp4 adds "4"
+MAP_FORMATS = {tag: FORMAT_TAGS[tag] for tag in ("16", "8")}  # the table's columns; --fp4 adds "4"
 SAGE_HEAD_DIMS = (64, 96, 128)  # sageattention 1.0.6 asserts headdim in [64, 96, 128] (core.py)
 DEVICE = "cuda"  # a CPU smoke test runs the same code in Triton's interpreter
-SCHEDULES = {"HURRY-10": "1" * 10 + "0" * 10, "PHAST-10": "11111111010001000000"}  # SD1.5, 20-step DDIM
+SCHEDULES = {"HURRY-10": "1" * 10 + "0" * 10, "PHAST-10": PHAST_SD15}  # SD1.5, 20-step DDIM
 
 
 def rel_err(got, ref) -> float:
@@ -179,7 +179,7 @@ def single(kernel: str, shape, variant: str, reps: int) -> None:
     """Run one kernel ``reps`` times (after one warm-up launch) for a profiler."""
     b, h, nq, nk, d = shape
     q, k, v = make_inputs(shape)
-    fmt = formats.get({**MAP_FORMATS, "4": "fp4"}[kernel[-1]])
+    fmt = formats.get(FORMAT_TAGS[kernel[-1]])
     if kernel.startswith("pv"):
         _, cmap = capture(q, k, v, h, d ** -0.5, fmt, backend="triton")
         out = empty_rows(b, nq, h * d, q.dtype, q.device)
@@ -237,7 +237,7 @@ def main(argv=None):
     ap.add_argument("--fp4", action="store_true", help="also time 4-bit maps (capture and reuse)")
     args = ap.parse_args(argv)
     if args.fp4:
-        MAP_FORMATS["4"] = "fp4"
+        MAP_FORMATS["4"] = FORMAT_TAGS["4"]
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernel_table.py times Triton kernels: it needs a CUDA GPU")
     if args.single:

@@ -1,5 +1,5 @@
-"""What the kernel benchmarks measure with: the attention shapes they time, Triton's timer and the
-copy bandwidth every kernel is compared with."""
+"""What the benchmarks measure with: the attention shapes they time, the schedules and DeepCache setting they
+run, Triton's timer and the copy bandwidth every kernel is compared with."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +15,21 @@ SHAPES = {
     "sdxl_32x32_self": (2, 20, 1024, 1024, 64),
     "sd15_1024px_self": (2, 8, 16384, 16384, 40),
 }
+
+FORMAT_TAGS = {"16": "fp16", "8": "fp8", "4": "fp4"}  # the kernel table's column tags: pv16, capture8, ...
+PHAST_SD15 = "11111111010001000000"  # the paper's PHAST-10 for SD1.5, 20-step DDIM
+DEEPCACHE_INTERVAL = 3
+
+
+def deepcache(pipe, interval: int = DEEPCACHE_INTERVAL):
+    """DeepCache (the ``DeepCache`` package) enabled on ``pipe`` (anything with a ``.unet``) at ``interval``,
+    caching the shallowest branch: returns its helper (``helper.disable()`` undoes it)."""
+    from DeepCache import DeepCacheSDHelper
+
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    return helper
 
 
 def bench_ms(fn) -> float:

@@ -18,15 +18,14 @@ if __package__ in (None, ""):  # run as a file: python bench/model_check.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "bench"
 
+from bench.measure import FORMAT_TAGS  # noqa: E402
 from bench.sass_report import CARDS, Card, budget_card, predict_ms  # noqa: E402
-
-TAGS = {"16": "fp16", "8": "fp8", "4": "fp4"}
 
 
 def card_of(kernels: dict, arch: str) -> Card:
     """The card the table ran on, with its measured copy bandwidth (and SM count and clock where recorded)."""
     name = kernels["card"]
-    base = next((c for key, c in CARDS.items() if key.split()[0] in name), budget_card(arch))
+    base = next((c for key, c in CARDS.items() if key in name), budget_card(arch))
     return replace(base, name=name, copy_tbps=kernels["copy_TBps"], sms=kernels.get("sm_count") or base.sms,
                    clock_ghz=kernels.get("sm_clock_ghz") or base.clock_ghz)
 
@@ -38,7 +37,7 @@ def compare(kernels: dict, sass: dict, arch: str = "sm_90a") -> list[dict]:
     out = []
     for name, k in kernels["shapes"].items():
         shape = tuple(k["shape"])
-        for tag, fmt in TAGS.items():
+        for tag, fmt in FORMAT_TAGS.items():
             for kernel, key in (("cached_pv", f"pv{tag}_ms"), ("capture", f"capture{tag}_ms")):
                 if key in k and (kernel, fmt, shape) in rows:
                     predicted = predict_ms(rows[(kernel, fmt, shape)], card)

@@ -18,7 +18,8 @@ import argparse
 import csv
 import math
 import random
-from contextlib import nullcontext
+import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import matplotlib
@@ -27,10 +28,15 @@ import torch
 from skimage.metrics import structural_similarity
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-import attnreuse
-from attnreuse import measured
-from attnreuse.embedded import CALIBRATION, HELD_OUT, generate, load_default, searched_schedules
-from attnreuse.schedule import to_string
+if __package__ in (None, ""):  # run as a file: python bench/quality.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "bench"
+
+import attnreuse  # noqa: E402
+from attnreuse import measured  # noqa: E402
+from attnreuse.embedded import CALIBRATION, HELD_OUT, generate, load_default, searched_schedules  # noqa: E402
+from attnreuse.schedule import to_string  # noqa: E402
+from bench.measure import DEEPCACHE_INTERVAL, deepcache  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -50,9 +56,6 @@ def random_schedule(steps: int, r: int, seed: int) -> tuple[int, ...]:
     return tuple(0 if i in reuse else 1 for i in range(steps))
 
 
-DEEPCACHE_INTERVAL = 3
-
-
 # torch's flop counter knows SDPA's GPU kernels but not the CPU one (it would count plain attention as 0 FLOPs
 # while a reuse step's map × V counts as a matmul): the same formula for it
 _CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
@@ -66,22 +69,13 @@ def flops_of(fn) -> tuple[torch.Tensor, int]:
     return out, counter.get_total_flops()
 
 
-def deepcache(pipe):
-    """DeepCache (interval 3, branch 0) on ``pipe``: a context manager."""
-    from contextlib import contextmanager
-
-    from DeepCache import DeepCacheSDHelper
-
-    @contextmanager
-    def enabled():
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=DEEPCACHE_INTERVAL, cache_branch_id=0)
-        helper.enable()
-        try:
-            yield
-        finally:
-            helper.disable()
-    return enabled()
+@contextmanager
+def deepcache_on(pipe):
+    helper = deepcache(pipe)
+    try:
+        yield
+    finally:
+        helper.disable()
 
 
 def evaluate(args, rhos: list[measured.Rho]) -> list[dict]:
@@ -97,7 +91,7 @@ def evaluate(args, rhos: list[measured.Rho]) -> list[dict]:
             spent = None
             if images is None:
                 with attnreuse.patch(pipe, schedule, **extra) if schedule is not None else nullcontext():
-                    with deepcache(pipe) if cache else nullcontext():
+                    with deepcache_on(pipe) if cache else nullcontext():
                         images, spent = flops_of(run) if flops else (run(), None)
             p = attnreuse.psnr(images, reference)
             s = ssim(images, reference)

@@ -47,7 +47,6 @@ class _FakeDriver:
 class Launch:
     """One kernel launch that was compiled instead of run."""
 
-    name: str
     kwargs: dict  # the launch's keyword arguments: constexprs, num_warps, num_stages
     kernel: object  # triton's CompiledKernel
 
@@ -63,7 +62,7 @@ def compiled_for(arch: int):
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        launches.append(Launch(self.__name__, dict(kwargs), kernel))
+        launches.append(Launch(dict(kwargs), kernel))
         return kernel
 
     previous = driver._active  # None until something asked for the real driver (there is none on a CPU)
@@ -89,7 +88,7 @@ KINDS = {
     "integer": {"IADD3", "IADD", "IADD32I", "IMAD", "IMUL", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "ISETP",
                 "SEL", "PRMT", "LEA", "IABS", "IMNMX", "VIMNMX", "VIADD", "VIADDMNMX", "POPC", "FLO", "BMSK", "BREV",
                 "SGXT", "IDP", "ISCADD", "BFE", "BFI", "PLOP3", "P2R", "R2P", "CS2R", "S2R", "S2UR", "R2UR",
-                "LEPC", "IMNMX"},
+                "LEPC"},
     "move": {"MOV", "MOV32I", "MOVM", "SHFL", "UMOV"},
 }
 _KIND_OF = {op: kind for kind, ops in KINDS.items() for op in ops}
@@ -124,7 +123,6 @@ class Instr:
 class Analysis:
     registers: int
     spill_bytes: int  # stack frame (local memory) per thread: spills and register arrays moved to memory
-    local_accesses: int  # LDL/STL instructions
     shared_bytes: int  # dynamic shared memory per block (Triton's pipeline buffers)
     instructions: int  # whole kernel
     loop: list[Instr] = field(default_factory=list)  # the key-block loop's body
@@ -213,7 +211,7 @@ def analyse(kernel) -> Analysis:
         elif base == "STG":
             stores[pointer_of(i.source)][access_bytes(i.opcode)] += 1
     return Analysis(
-        registers=regs, spill_bytes=stack, local_accesses=sum(i.opcode.split(".")[0] in ("LDL", "STL") for i in instrs),
+        registers=regs, spill_bytes=stack,
         shared_bytes=kernel.metadata.shared, instructions=len(instrs), loop=loop,
         loop_kinds=dict(collections.Counter(kind_of(i.opcode) for i in loop)),
         loads={k: dict(v) for k, v in loads.items()}, stores={k: dict(v) for k, v in stores.items()})

@@ -2,11 +2,14 @@
 schedulers tests run with, a diffusers-style sampling loop, and float64 attention references."""
 from __future__ import annotations
 
+import pytest
 import torch
-from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, KDPM2DiscreteScheduler, UNet2DConditionModel)
 
 import attnreuse
+from diffusers.models.attention_processor import Attention
+
 from attnreuse.kernels.reference import merge_heads, split_heads
 
 CROSS_DIM = 32
@@ -41,6 +44,19 @@ def make_unet(arch: str = "sd15", sample_size: int = 8, seed: int = 0) -> UNet2D
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), **ARCHS[arch])
     return unet.eval()
+
+
+def tiny_vae() -> AutoencoderKL:
+    """A one-level VAE (scale factor 1: 8x8 pixels = 8x8 latents); seeds nothing, its caller does."""
+    return AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                         sample_size=8)
+
+
+def to_q_calls(model) -> tuple[list[int], object]:
+    """A counter of ``to_q`` calls of ``model``'s first attention layer, and its hook."""
+    attn = next(m for m in model.modules() if isinstance(m, Attention))
+    count = [0]
+    return count, attn.to_q.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
 
 
 def unet_kwargs(unet, batch: int, context: torch.Tensor) -> dict:
@@ -132,3 +148,15 @@ class IteratingPipeline(DiffusionPipeline):
                 break
             x = self.scheduler.step(self.unet(x, t, encoder_hidden_states=cond).sample, t, x).prev_sample
         return x
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The message ``python -m attnreuse *argv`` exits with: one line, status 2, naming the command and a fix."""
+    from attnreuse.__main__ import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"attnreuse {argv[0]}: ") and " — " in err, err
+    return err

@@ -12,6 +12,7 @@ import torch
 from attnreuse import measured
 from attnreuse.__main__ import main as cli
 from attnreuse.cli.bench import measured_entry, update_measured
+from tests.helpers import cli_error
 from tests.tiny_pipeline import save_tiny_pipeline, write_prompts
 
 
@@ -57,12 +58,7 @@ def test_bench_takes_what_the_search_used(tmp_path):
 
 def test_bench_errors(tmp_path, capsys):
     def error(*argv):
-        with pytest.raises(SystemExit) as stop:
-            cli(["bench", *argv])
-        assert stop.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and err.startswith("attnreuse bench: ") and " — " in err, err
-        return err
+        return cli_error(["bench", *argv], capsys)
 
     sched = schedule_file(tmp_path / "s.json", "1100")
     assert "no such file" in error("--model", "embedded", "--schedule", str(tmp_path / "none.json"))

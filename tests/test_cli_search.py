@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from attnreuse.__main__ import main as cli
+from tests.helpers import cli_error
 from tests.tiny_pipeline import save_tiny_pipeline, write_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,22 +112,13 @@ def test_embedded_model_search(tmp_path):
     assert found["resolution"] == [8, 8] and found["utility_db"] >= found["start_utility_db"]
 
 
-def _error(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as stop:
-        cli(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith("attnreuse search: ") and " — " in err, err
-    return err
-
-
 def test_errors_are_one_line_before_any_work(tiny, tmp_path, capsys):
     root, args = tiny
     model, prompts = str(root / "tiny-sd"), str(root / "prompts.txt")
     out = tmp_path / "out"
 
     def error(*argv):
-        return _error(["search", *argv], capsys)
+        return cli_error(["search", *argv], capsys)
 
     assert "no such folder" in error("--model", str(tmp_path / "nowhere"), "--prompts", prompts)
     (tmp_path / "empty").mkdir()

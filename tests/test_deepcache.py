@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from DeepCache import DeepCacheSDHelper
 
 import attnreuse
+from bench.measure import deepcache
 from attnreuse.embedded import HELD_OUT, generate, load_default
 from tests.test_pipelines import make_pipe, run
-
-
-def deepcache(pipe, interval: int) -> DeepCacheSDHelper:
-    helper = DeepCacheSDHelper(pipe=pipe)
-    helper.set_params(cache_interval=interval, cache_branch_id=0)
-    helper.enable()
-    return helper
 
 
 @pytest.mark.parametrize("interval", [2, 3])

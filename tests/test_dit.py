@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FluxTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel,
+from diffusers import (DDIMScheduler, FluxTransformer2DModel, PixArtAlphaPipeline, PixArtTransformer2DModel,
                        SD3Transformer2DModel)
 from diffusers.models.attention_processor import Attention
 
 import attnreuse
-from tests.helpers import patch_with_costs, rel_err
+from tests.helpers import patch_with_costs, rel_err, tiny_vae, to_q_calls
 
 CAPTION = 32
 
@@ -23,8 +23,7 @@ def make_transformer() -> PixArtTransformer2DModel:
 
 
 def make_pipe() -> PixArtAlphaPipeline:
-    vae = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                        sample_size=8)
+    vae = tiny_vae()
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=make_transformer(),
                                scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
@@ -41,18 +40,11 @@ def run(pipe, steps=6) -> torch.Tensor:
                 output_type="latent", use_resolution_binning=False, generator=torch.Generator().manual_seed(0)).images
 
 
-def to_q_calls(model) -> list[int]:
-    count = [0]
-    next(m for m in model.modules() if isinstance(m, Attention)).to_q.register_forward_hook(
-        lambda *a: count.__setitem__(0, count[0] + 1))
-    return count
-
-
 @pytest.mark.parametrize("cache_dtype", [None, "fp8"])
 def test_pixart_pipeline(cache_dtype):
     pipe = make_pipe()
     reference = run(pipe)
-    count = to_q_calls(pipe.transformer)
+    count, _ = to_q_calls(pipe.transformer)
     with attnreuse.patch(pipe, "111111", cache_dtype=cache_dtype):
         assert torch.equal(run(pipe), reference)  # all-compute: exactly the unpatched output
     count[0] = 0

@@ -112,16 +112,12 @@ def test_study_codes_sample_through_attnreuse():
     pipe = load_default("ddim")
     pairs, schedule = HELD_OUT[:2], (1, 1, 0, 1, 0, 0)  # capture, reuse, capture, reuse twice
     fmt = study_format(CODES["e2m1 row"])
-    formats.register(fmt)
-    try:
-        with torch.no_grad():
-            with attnreuse.patch(pipe, schedule, cache_dtype="fp32", backend="torch"):
-                exact = generate(pipe, pairs, 6)
-            with attnreuse.patch(pipe, schedule, cache_dtype=fmt.name, backend="torch"):
-                coarse = generate(pipe, pairs, 6)
-            plain = generate(pipe, pairs, 6)
-    finally:
-        formats.unregister(fmt)
+    with formats.registered(fmt), torch.no_grad():
+        with attnreuse.patch(pipe, schedule, cache_dtype="fp32", backend="torch"):
+            exact = generate(pipe, pairs, 6)
+        with attnreuse.patch(pipe, schedule, cache_dtype=fmt.name, backend="torch"):
+            coarse = generate(pipe, pairs, 6)
+        plain = generate(pipe, pairs, 6)
     assert not torch.equal(coarse, exact)  # the code is applied
     assert not torch.equal(exact, plain)  # maps are reused
     assert 20 < attnreuse.psnr(coarse, exact).mean() < 100

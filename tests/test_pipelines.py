@@ -7,19 +7,18 @@ import threading
 
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, HeunDiscreteScheduler, StableDiffusionImg2ImgPipeline,
+from diffusers import (DDIMScheduler, HeunDiscreteScheduler, StableDiffusionImg2ImgPipeline,
                        StableDiffusionPipeline)
 from diffusers.models.attention_processor import Attention
 
 import attnreuse
-from tests.helpers import SCHEDULERS, IteratingPipeline, contexts, make_unet
+from tests.helpers import SCHEDULERS, IteratingPipeline, contexts, make_unet, tiny_vae, to_q_calls
 
 def make_pipe(scheduler_cls=DDIMScheduler, unet=None) -> StableDiffusionPipeline:
     """SD-style txt2img pipeline: tiny VAE (scale factor 1: 8x8 pixels = 8x8 latents), the helpers' UNet, no
     text encoder (prompts come as embeddings)."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                        sample_size=8)
+    vae = tiny_vae()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet or make_unet("sd15"),
                                    scheduler=scheduler_cls(num_train_timesteps=1000), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -43,13 +42,6 @@ def run(pipe, steps=6, seed=0, **kwargs) -> torch.Tensor:
         kwargs.update(height=8, width=8)
     return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps, output_type="latent",
                 generator=torch.Generator().manual_seed(seed), **kwargs).images
-
-
-def to_q_calls(unet) -> tuple[list[int], list]:
-    """A counter of ``to_q`` calls of the first attention layer, and its hook."""
-    attn = next(m for m in unet.modules() if isinstance(m, Attention))
-    count = [0]
-    return count, attn.to_q.register_forward_hook(lambda *a: count.__setitem__(0, count[0] + 1))
 
 
 def cancel_at(step):

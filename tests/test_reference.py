@@ -156,8 +156,7 @@ def test_a_registered_format_runs_through_patch():
     from tests.helpers import make_unet, sample
     lin8 = MapFormat("lin8", torch.uint8, bits=8, top=255.0, encode=lambda rel: torch.round(rel * 255).to(torch.uint8),
                      decode=torch.Tensor.float)
-    formats.register(lin8)
-    try:
+    with formats.registered(lin8):
         assert formats.get("lin8") is lin8 and "lin8" in formats.names()
         with pytest.raises(ValueError, match="is taken"):
             formats.register(MapFormat("lin8", torch.uint8, 8, 1.0, lin8.encode, lin8.decode))
@@ -171,8 +170,6 @@ def test_a_registered_format_runs_through_patch():
             images16 = sample(unet, steps=6)
             assert peak < fp16.peak_cache_bytes  # one byte a key instead of two
         assert rel_err(images, images16) < 0.1 * rel_err(images16, reference)  # the map format is a small part
-    finally:
-        formats.unregister(lin8)
     assert "lin8" not in formats.names()
 
 

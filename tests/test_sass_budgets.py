@@ -109,3 +109,21 @@ def test_model_check_relates_gpu_timings_to_the_model(report):
     assert pv8["ratio"] == pytest.approx(0.1 / pv8["predicted_ms"])
     # an fp8 map of this layer is 277 MB: at 3 TB/s at least 0.09 ms
     assert 0.09 < pv8["predicted_ms"] < 0.2
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 150, 150, 40), (2, 2, 64, 77, 64)])
+def test_the_capture_yardstick_is_attention(shape):
+    """bench/flash_reference.py's kernel (Triton's interpreter on a CPU) against float64 attention, its output
+    buffer poisoned first: the capture budget compares with a kernel that computes what capture does."""
+    import torch
+
+    from attnreuse.kernels import formats
+    from attnreuse.kernels.tuning import capture_config
+    from bench import flash_reference
+    from tests.helpers import out64, probs64, random_qkv, rel_err
+
+    b, h, nq, nk, d = shape
+    q, k, v = random_qkv(shape, torch.float16, seed=sum(shape))
+    out = torch.full_like(q, float("nan"))
+    flash_reference.launch(q, k, v, h, d ** -0.5, capture_config(d, nq, nk, formats.get("fp16")), out=out)
+    assert rel_err(out, out64(probs64(q, k, h, d ** -0.5), v, h)) < 2e-3

@@ -7,10 +7,10 @@ import string
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tests.helpers import CROSS_DIM, make_unet
+from tests.helpers import CROSS_DIM, make_unet, tiny_vae
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -29,8 +29,7 @@ def save_tiny_pipeline(folder: Path) -> Path:
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokens), hidden_size=CROSS_DIM, intermediate_size=37, num_hidden_layers=1,
         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    vae = AutoencoderKL(block_out_channels=(8,), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                        sample_size=8)
+    vae = tiny_vae()
     unet = make_unet("sd15")
     with torch.no_grad():  # sharper attention than random init gives, so that reusing a map changes the image
         for name, param in unet.named_parameters():
