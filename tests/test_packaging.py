@@ -49,15 +49,21 @@ def test_wheel_installs_beside_hugging_face_kernels(tmp_path):
     if sys.prefix != sys.base_prefix:  # pytest runs in a virtualenv: --system-site-packages alone skips its packages
         (purelib / "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run([python, "-m", "pip", "install", "-q", "--no-deps", "--ignore-installed", wheel], tmp_path)
-    run([python, "-m", "pip", "install", "-q", "kernels"], tmp_path)
+    # Hugging Face's kernels may already be there (transformers depends on it): install it only if it is not
+    has_theirs = run([python, "-c", "import importlib.util as u; print(u.find_spec('kernels') is not None)"], tmp_path)
+    if has_theirs.split()[-1] != "True":
+        run([python, "-m", "pip", "install", "-q", "kernels"], tmp_path)
 
     probe = ("import json, importlib.metadata as md, attnreuse.kernels, kernels; "
              "print(json.dumps({'ours': attnreuse.kernels.__file__, 'theirs': kernels.__file__, "
+             "'theirs_listed': str(md.distribution('kernels').locate_file('kernels/__init__.py')), "
              "'get_kernel': callable(getattr(kernels, 'get_kernel', None)), "
              "'files': [str(f) for f in md.distribution('attnreuse').files]}))")
     found = json.loads(run([python, "-c", probe], tmp_path).splitlines()[-1])
     assert Path(found["ours"]).is_relative_to(purelib / "attnreuse")  # the installed copy, not the tree
-    assert Path(found["theirs"]) == purelib / "kernels" / "__init__.py" and found["get_kernel"]
+    # `import kernels` is Hugging Face's package, the file its own distribution installed, wherever that is
+    assert Path(found["theirs"]).resolve() == Path(found["theirs_listed"]).resolve() and found["get_kernel"]
+    assert "attnreuse" not in Path(found["theirs"]).parts
     assert not [f for f in found["files"] if f.split("/")[0] == "kernels"]
 
 
