@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: python bench/kernel_table.py
 from attnreuse.architectures import attention_shapes
 from attnreuse.kernels import CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.reference import merge_heads, split_heads
-from attnreuse.kernels.custom_ops import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
+from attnreuse.kernels.launchers import capture_buffers, empty_rows, launch_cached_pv, launch_capture, target_arch
 from attnreuse.kernels.tuning import RULES, VARIANTS
 from bench.measure import FORMAT_TAGS, PHAST_SD15, SHAPES, bench_ms, copy_bandwidth  # noqa: E402
 

@@ -128,7 +128,7 @@ def compile_group(arch: str, fmt: str, value_dtype: str, shape_list: list[tuple]
     format, through the package's own launchers; one row per (shape, kernel)."""
     import torch
 
-    from attnreuse.kernels import custom_ops, formats
+    from attnreuse.kernels import formats, launchers
     from attnreuse.kernels.tuning import capture_config
     from bench import flash_reference
     from bench.sass import analyse, compiled_for
@@ -141,9 +141,9 @@ def compile_group(arch: str, fmt: str, value_dtype: str, shape_list: list[tuple]
             b, h, nq, nk, d = shape
             q = torch.empty(b, nq, h * d, dtype=vdtype, device="meta")
             k, v = (torch.empty(b, nk, h * d, dtype=vdtype, device="meta") for _ in range(2))
-            bufs = custom_ops.capture_buffers(q, k, v, h, fmt)
-            kernels = {"capture": lambda: custom_ops.launch_capture(*bufs, q, k, v, h, d ** -0.5, fmt),
-                       "cached_pv": lambda: custom_ops.launch_cached_pv(bufs[0], *bufs[1:], v, h, fmt)}
+            bufs = launchers.capture_buffers(q, k, v, h, fmt)
+            kernels = {"capture": lambda: launchers.launch_capture(*bufs, q, k, v, h, d ** -0.5, fmt),
+                       "cached_pv": lambda: launchers.launch_cached_pv(bufs[0], *bufs[1:], v, h, fmt)}
             if fmt == "fp16":
                 config = capture_config(d, nq, nk, formats.get(fmt), ARCHS[arch])
                 kernels["flash"] = lambda: flash_reference.launch(q, k, v, h, d ** -0.5, config)

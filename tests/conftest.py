@@ -21,3 +21,20 @@ def arch(request):
 @pytest.fixture(params=[name for name, (_, evals) in SCHEDULERS.items() if evals == 1])
 def scheduler_cls(request):
     return SCHEDULERS[request.param][0]
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_fails_its_check(request):
+    """A kernel variant that fails its first-use check runs the PyTorch path, so a test of the result would pass:
+    every test also fails if a variant failed during it (tests that inject a wrong kernel say so with the marker
+    ``wrong_kernel``)."""
+    from attnreuse.kernels import selfcheck
+    before = set(selfcheck.failures())
+    yield
+    new = [str(v) for v in selfcheck.failures() if v not in before]
+    if new and request.node.get_closest_marker("wrong_kernel") is None:
+        pytest.fail(f"kernel variants failed their first-use check: {new}")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "wrong_kernel: the test injects a kernel that must fail its first-use check")

@@ -8,7 +8,9 @@ import torch
 
 from attnreuse.kernels import KEY_BLOCK, CachedMap, cached_pv, capture, formats
 from attnreuse.kernels.storage import data_shape, num_blocks
-from attnreuse.kernels.custom_ops import cached_pv_op, capture_op, launch_cached_pv, launch_capture
+from attnreuse.kernels import custom_ops
+from attnreuse.kernels.custom_ops import cached_pv_op, capture_op
+from attnreuse.kernels.launchers import launch_cached_pv, launch_capture
 from tests.helpers import out64, probs64, random_qkv, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,9 +89,9 @@ def test_what_the_kernels_do_not_take_runs_the_reference_path(monkeypatch, dtype
     'auto', and asking for the kernels names the fix."""
     from attnreuse.kernels import api
     monkeypatch.setattr(api, "backend_available", lambda: True)
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # as if these were CUDA tensors
+    monkeypatch.setattr(api, "KERNEL_DEVICES", {"cuda", DEVICE})  # as if these were CUDA tensors
     launched = []
-    monkeypatch.setattr(torch.ops.attnreuse, "capture", lambda *a: launched.append(a))
+    monkeypatch.setattr(custom_ops, "capture", lambda *a: launched.append(a))
     shape = (1, 2, 24, 140, head_dim)
     b, h, nq, nk, d = shape
     q, k, v = (x.to(dtype) for x in random_qkv(shape, device=DEVICE, seed=5))

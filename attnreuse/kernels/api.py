@@ -1,7 +1,8 @@
 """Public entry points: pick the Triton kernels for CUDA tensors, the PyTorch reference otherwise.
 
 ``backend``: ``"auto"`` (Triton on CUDA when importable and the format has kernels, else reference),
-``"triton"`` or ``"torch"``. Every input check happens here, once.
+``"triton"`` or ``"torch"``. Every input check happens here, once. Eager calls go straight to the launch
+functions; under ``torch.compile`` the same work goes through the ``torch.library`` ops, which the compiler sees.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from .tuning import MAX_HEAD_DIM
 BACKENDS = ("auto", "triton", "torch")
 # The kernels' activations, by the names warmup's --dtype takes; fp32 models take the PyTorch path.
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Devices whose tensors take the kernels. bench/launches.py adds "meta" for a while: a UNet on the meta device then
+# makes, without a GPU, every launch it would make on one (compiled for a target, never run).
+KERNEL_DEVICES = {"cuda"}
 
 
 def _use_triton(backend: str, values: tuple[torch.Tensor, ...], heads: int, fmt: formats.MapFormat) -> bool:
@@ -26,15 +30,15 @@ def _use_triton(backend: str, values: tuple[torch.Tensor, ...], heads: int, fmt:
     if backend == "torch":
         return False
     head_dim = values[0].shape[-1] // heads
-    usable = (all(t.is_cuda and t.dtype in VALUE_DTYPES.values() for t in values) and fmt.kernel is not None
-              and head_dim <= MAX_HEAD_DIM)
+    usable = (all(t.device.type in KERNEL_DEVICES and t.dtype in VALUE_DTYPES.values() for t in values)
+              and fmt.kernel is not None and head_dim <= MAX_HEAD_DIM)
     if backend == "triton" and not usable:
         raise ValueError("backend='triton' needs CUDA activations in fp16 or bf16, head dims up to "
                          f"{MAX_HEAD_DIM} and a map format with kernels ({', '.join(formats.kernel_formats())}); got "
                          f"{sorted({f'{t.device.type} {t.dtype}' for t in values})}, head dim {head_dim} and "
                          f"{fmt.name} maps: use backend='auto' (the PyTorch path where the kernels cannot go) "
                          "or 'torch'")
-    return usable and backend_available()
+    return usable and (values[0].device.type == "meta" or backend_available())
 
 
 def _check_heads(x: torch.Tensor, heads: int, what: str) -> None:
@@ -47,10 +51,16 @@ def _check_heads(x: torch.Tensor, heads: int, what: str) -> None:
 def backend_available() -> bool:
     """Whether the Triton kernels can run here (Triton importable and a CUDA device present)."""
     try:
-        from . import custom_ops  # noqa: F401  (imports triton)
+        _ops()
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+@functools.cache
+def _ops():
+    from . import custom_ops  # imports triton
+    return custom_ops
 
 
 def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: str = "auto"):
@@ -67,7 +77,10 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
                          "and tokens, q and k the same batch and width")
     fmt = formats.get(map_format)
     if mask is None and _use_triton(backend, (q, k, v), heads, fmt):
-        out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
+        if torch.compiler.is_compiling():
+            out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
+        else:
+            out, data, block_max, row_lse = _ops().capture(q, k, v, heads, scale, fmt)
         return out, CachedMap(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
     return capture_reference(q, k, v, heads, scale, fmt, mask)
 
@@ -85,5 +98,7 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
         raise ValueError(f"cached map on {cmap.data.device}, values on {v.device}: move one of them")
     if _use_triton(backend, (v,), heads, cmap.format):
         data = cmap.data.view(cmap.format.op_dtype)
-        return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.format.name)
+        if torch.compiler.is_compiling():
+            return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.format.name)
+        return _ops().cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.format)
     return cached_pv_reference(cmap, v, heads)

@@ -144,7 +144,8 @@ def _stored_scale(MAP_FORMAT: tl.constexpr, TOP: tl.constexpr):
 @triton.jit
 def _rows(PTR, stride_v16):
     """A stride of ``PTR``'s rows passed in 16-byte units, in items: the compiler sees a multiple of 16 bytes."""
-    return stride_v16.to(tl.int64) * (16 // (PTR.dtype.element_ty.primitive_bitwidth // 8))
+    # tl.cast, not .to(): Triton specialises a stride of 1 to a constexpr int, which has no .to() before 3.9
+    return tl.cast(stride_v16, tl.int64) * (16 // (PTR.dtype.element_ty.primitive_bitwidth // 8))
 
 
 @triton.jit
@@ -153,12 +154,6 @@ def _program(H, NQ, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr):
     pid_bh = tl.program_id(1)
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, (offs_m < NQ) | EVEN_M
-
-
-@triton.jit
-def _items_per_block(MAP_FORMAT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Stored items per row and key block: two 4-bit codes per byte."""
-    return BLOCK_N // 2 if MAP_FORMAT == MAP_E2M2 else BLOCK_N
 
 
 @triton.jit
@@ -174,17 +169,17 @@ def cached_pv_kernel(
     ASM: tl.constexpr, INV_TOP: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
 ):
     """O = Σ over key blocks of (values_blk · V_blk) · exp2(block_max − row_lse) / TOP: one fp32 multiply per
     row and key block, on the block's partial product (never inside the fp16 operands). ``BLOCK_D2 > 0``
     splits the head dim into columns ``[0, BLOCK_D)`` and ``[BLOCK_D, BLOCK_D + BLOCK_D2)``, two dots on the
     same decoded map tile: d = 40, 80, 160 cost 48, 80, 160 columns of tensor-core work instead of 64, 128,
     256. The next block's factors load one iteration ahead."""
-    A_STEP: tl.constexpr = _items_per_block(MAP_FORMAT, BLOCK_N)
     b, h, offs_m, mask_m = _program(H, NQ, BLOCK_M, EVEN_M)  # EVEN_*: no partial tiles, the masks fold away
     offs_n = tl.arange(0, BLOCK_N)
-    offs_i = tl.arange(0, A_STEP)
+    offs_i = tl.arange(0, BLOCK_I)
     offs_d = tl.arange(0, BLOCK_D)
     a_ptrs = A + b * _rows(A, sa_b) + h * _rows(A, sa_h) + offs_m[:, None] * _rows(A, sa_m) + offs_i[None, :]
     v_row = V + b * _rows(V, sv_b) + h * HEAD_DIM + offs_n[:, None].to(tl.int64) * _rows(V, sv_n)
@@ -200,7 +195,7 @@ def cached_pv_kernel(
         nxt = tl.minimum(start // BLOCK_N + 1, last_block)  # the last iteration reloads its own block
         x = tl.load(x_ptrs + nxt * NQ, mask=mask_m, other=float("-inf"))
         key_ok = (start + offs_n < NK) | EVEN_N
-        item_ok = (start // (BLOCK_N // A_STEP) + offs_i < ROW_ITEMS) | EVEN_N
+        item_ok = (start // (BLOCK_N // BLOCK_I) + offs_i < ROW_ITEMS) | EVEN_N
         a = tl.load(a_ptrs, mask=mask_m[:, None] & item_ok[None, :], other=0)
         a = _decode(a, MAP_FORMAT, FRAGMENT, FP8_CVT, ASM, BLOCK_M, BLOCK_N).to(DOT_DTYPE)
         v = tl.load(v_row + offs_d[None, :], mask=key_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
@@ -209,7 +204,7 @@ def cached_pv_kernel(
             d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
             v2 = tl.load(v_row + d2[None, :], mask=key_ok[:, None] & (d2 < HEAD_DIM)[None, :], other=0.0)
             acc2 += tl.dot(a, v2.to(DOT_DTYPE)) * f[:, None]
-        a_ptrs += A_STEP
+        a_ptrs += BLOCK_I
         v_row += BLOCK_N * _rows(V, sv_n)
     o_row = O + b * _rows(O, so_b) + h * HEAD_DIM + offs_m[:, None] * _rows(O, so_m)
     out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)
@@ -236,16 +231,16 @@ def capture_kernel(
     HEAD_DIM: tl.constexpr, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.constexpr,
     TOP: tl.constexpr, STORED_SUMS: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
 ):
     """One pass over K: per key block, p = exp2(s − m_blk) is stored (relative to the block's own maximum)
     with m_blk, and enters the online softmax of the output rescaled by exp2(m_blk − m_running). The last
     block writes the row's padding (keys past Nk) as zeros. ``BLOCK_D2 > 0`` splits the head dim as
     ``cached_pv`` does (two dots for Q·Kᵀ and for P·V; the accumulators then fit in registers at d = 160)."""
-    A_STEP: tl.constexpr = _items_per_block(MAP_FORMAT, BLOCK_N)
     b, h, offs_m, mask_m = _program(H, NQ, BLOCK_M, EVEN_M)  # EVEN_*: no partial tiles, the masks fold away
     offs_n = tl.arange(0, BLOCK_N)
-    offs_i = tl.arange(0, A_STEP)
+    offs_i = tl.arange(0, BLOCK_I)
     d1 = tl.arange(0, BLOCK_D)
     q_row = Q + b * _rows(Q, sq_b) + h * HEAD_DIM + offs_m[:, None] * _rows(Q, sq_m)
     k_col = K + b * _rows(K, sk_b) + h * HEAD_DIM + offs_n[None, :].to(tl.int64) * _rows(K, sk_n)
@@ -275,7 +270,7 @@ def capture_kernel(
         m_blk = tl.max(s, 1)  # finite: every block has at least one key
         p = tl.math.exp2(s - m_blk[:, None])  # in [0, 1], the block's maximum is 1; 0 past NK
         items, stored = _encode(p, MAP_FORMAT, FRAGMENT, FP8_CVT, TOP, BLOCK_M, BLOCK_N)
-        item_ok = (start // (BLOCK_N // A_STEP) + offs_i < ROW_ITEMS) | EVEN_N
+        item_ok = (start // (BLOCK_N // BLOCK_I) + offs_i < ROW_ITEMS) | EVEN_N
         tl.store(a_ptrs, items.to(A.dtype.element_ty), mask=mask_m[:, None] & item_ok[None, :])
         tl.store(x_ptrs, m_blk, mask=mask_m)
         m_new = tl.maximum(m_i, m_blk)
@@ -293,7 +288,7 @@ def capture_kernel(
         m_i = m_new
         k_col += BLOCK_N * _rows(K, sk_n)
         v_row += BLOCK_N * _rows(V, sv_n)
-        a_ptrs += A_STEP
+        a_ptrs += BLOCK_I
         x_ptrs += NQ
     lse = m_i + tl.math.log2(l_stored * _stored_scale(MAP_FORMAT, TOP) if STORED_SUMS else l_i)
     tl.store(LSE + b * sl_b + h * sl_h + offs_m, lse, mask=mask_m)

@@ -1,0 +1,249 @@
+"""Kernel launches: layout, launch constants, one cached launch per shape, and the first-use check.
+
+A launch shape (kernel, tensor shapes, strides and dtypes, map format, config, device) is resolved once into a
+:class:`_Launch`: its grid, every kernel argument but the tensors, and, after its first launch through Triton's
+JIT, the compiled kernel. Later launches of the shape go straight to the compiled kernel's launcher (what
+``JITFunction.run`` ends with) and skip the JIT's argument binding and specialisation, which cost more host
+time than the kernel itself at small shapes. Only CUDA tensors take that path, and only on the Triton versions
+whose launcher signature this module was written against (:data:`DIRECT_LAUNCH`); anything else, Triton's
+interpreter included, launches through the JIT every time.
+
+Every kernel variant (:class:`.selfcheck.Variant`) is compared with the PyTorch reference at its first launch
+in the process (:mod:`.selfcheck`); a variant that fails runs the reference from then on.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import driver
+
+from . import formats, selfcheck
+from . import triton_kernels as tk
+from .formats import KEY_BLOCK, num_blocks
+from .storage import data_shape
+from .tuning import INTERPRET, Config, block_d, cached_pv_config, capture_config, split_block_d
+
+ALIGN = 16  # bytes
+# Triton versions whose CompiledKernel.run(grid..., stream, function, metadata, launch metadata, hooks, *args)
+# this module calls directly (JITFunction.run does the same after binding the arguments).
+DIRECT_LAUNCH = tuple(triton.__version__.split(".")[:2]) in {("3", str(m)) for m in range(6, 10)}
+
+
+def target_arch() -> int:
+    """The compute capability Triton compiles for (``90`` for sm_90a): the config rule and decodes depend on it.
+    0 under the interpreter, which has no target: its decodes take the integer paths (its fp32 -> fp8
+    rounding drops the carry into the exponent)."""
+    if INTERPRET:
+        return 0
+    active = driver.active  # bench/sass.py swaps in a fake driver per target
+    return _arch(active, active.get_current_device())
+
+
+@functools.cache  # per driver and device, as Triton's JIT keeps its targets
+def _arch(active, device) -> int:
+    return active.get_current_target().arch
+
+
+def _units(stride: int, item: int) -> int:
+    """A stride in 16-byte units (the kernels multiply back, so the compiler sees a multiple of 16 bytes)."""
+    assert stride * item % ALIGN == 0, "caller guarantees 16-byte strides"
+    return stride * item // ALIGN
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, N, W]`` itself if its rows are 16-byte aligned with a unit stride along W, else a copy in a
+    buffer whose rows are padded to 16 bytes (the kernels read whole 16-byte vectors)."""
+    item = x.element_size()
+    s = x.stride()
+    if s[2] == 1 and x.data_ptr() % ALIGN == 0 and s[0] * item % ALIGN == 0 and s[1] * item % ALIGN == 0:
+        return x
+    out = empty_rows(*x.shape, dtype=x.dtype, device=x.device)
+    return out.copy_(x)
+
+
+def empty_rows(b: int, n: int, w: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``[B, N, W]`` tensor whose rows start 16-byte aligned (padded when ``W`` needs it)."""
+    per = ALIGN // dtype.itemsize
+    padded = -(-w // per) * per
+    buf = torch.empty(b, n, padded, dtype=dtype, device=device)
+    return buf if padded == w else buf[..., :w]
+
+
+def capture_buffers(q, k, v, heads: int, fmt):
+    """Uninitialised ``(out, data, block_max, row_lse)`` for a capture (fp8/4-bit data as uint8)."""
+    fmt = formats.get(fmt)
+    b, nq, _ = q.shape
+    nk = k.shape[1]
+    return (empty_rows(b, nq, v.shape[2], v.dtype, v.device),
+            q.new_empty(data_shape(b, heads, nq, nk, fmt), dtype=fmt.op_dtype),
+            q.new_empty(b, heads, num_blocks(nk), nq, dtype=torch.float32),
+            q.new_empty(b, heads, nq, dtype=torch.float32))
+
+
+def _constexprs(config: Config, fmt: formats.MapFormat, d: int, nq: int, nk: int, dtypes: tuple, arch: int) -> dict:
+    """The constexprs and launch options of a launch."""
+    block_ds = split_block_d(d) if config.split_d else (block_d(d), 0)
+    return dict(HEAD_DIM=d, MAP_FORMAT=fmt.kernel, FRAGMENT=fmt.in_fragment_order(nk),
+                FP8_CVT=arch >= 89,  # hardware e4m3/e5m2 conversions
+                DOT_DTYPE=tl.bfloat16 if torch.bfloat16 in dtypes else tl.float16,  # bf16 with bf16 values or map
+                EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
+                BLOCK_I=KEY_BLOCK // fmt.keys_per_item,  # stored items per row and key block
+                BLOCK_D=block_ds[0], BLOCK_D2=block_ds[1], **config.launch_args())
+
+
+_OPTIONS = ("num_warps", "num_stages")
+
+
+@dataclass
+class _Launch:
+    """One launch shape: the kernel, its grid, every argument in the kernel's parameter order with ``None`` where
+    a tensor goes, and (once launched through the JIT) the compiled kernel."""
+
+    fn: object  # the @triton.jit function
+    grid: tuple[int, int, int]
+    args: list
+    tensors: tuple[int, ...]  # positions of the tensor arguments
+    options: dict  # num_warps, num_stages
+    variant: selfcheck.Variant
+    block_m: int
+    n_values: int  # arguments before the constexprs
+    compiled: object = None  # Triton's CompiledKernel, launched directly
+
+    @classmethod
+    def make(cls, fn, grid, values: list, meta: dict, variant: selfcheck.Variant) -> "_Launch":
+        """``values``: the non-constexpr arguments in order (tensors as ``None``); ``meta``: constexprs and options."""
+        args = values + [meta[name] for name in fn.arg_names[len(values):]]
+        return cls(fn, (*grid, 1), args, tuple(i for i, a in enumerate(values) if a is None),
+                   {k: meta[k] for k in _OPTIONS}, variant, meta["BLOCK_M"], len(values))
+
+    def __call__(self, *tensors: torch.Tensor) -> None:
+        args = list(self.args)
+        for i, t in zip(self.tensors, tensors):
+            args[i] = t
+        # the compiled kernel assumes 16-byte aligned pointers, as Triton specialised it at the first launch
+        aligned = all(t.data_ptr() % ALIGN == 0 for t in tensors)
+        if self.compiled is not None and aligned and tensors[0].is_cuda:
+            _direct(self.compiled, self.grid, args, tensors[0].device)
+            return
+        n = self.n_values
+        kernel = self.fn[self.grid](*args[:n], **dict(zip(self.fn.arg_names[n:], args[n:])), **self.options)
+        if DIRECT_LAUNCH and aligned and tensors[0].is_cuda:
+            self.compiled = kernel  # every later call of this shape has the same arguments but the tensors
+
+
+def _direct(kernel, grid, args, device: torch.device) -> None:
+    """What ``JITFunction.run`` does once it has the compiled kernel: launch it on the current stream."""
+    if device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return _direct(kernel, grid, args, device)
+    from triton import knobs
+    stream = torch.cuda.current_stream(device).cuda_stream
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    metadata = kernel.launch_metadata(grid, stream, *args) if getattr(enter, "calls", True) else None
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
+               *args)
+
+
+_LAUNCHES: dict[tuple, _Launch] = {}
+_LOCK = threading.Lock()
+
+
+def _launch_for(key: tuple, make) -> _Launch:
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        with _LOCK:
+            launch = _LAUNCHES.setdefault(key, make())
+    return launch
+
+
+def _shape_key(*tensors: torch.Tensor) -> tuple:
+    """What a launch's arguments depend on, besides the format, config and scalars: shapes, strides, dtypes."""
+    return tuple((t.shape, t.stride(), t.dtype) for t in tensors)
+
+
+def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: Config | None = None) -> None:
+    """``out`` ``[B, Nq, H·D]`` = the map (``data``, ``block_max``, ``row_lse``) in format ``fmt`` times ``v``
+    ``[B, Nk, H·D]``. ``data``: in the format's dtype, or its uint8 bytes."""
+    fmt = formats.get(fmt)
+    if data.dtype != fmt.op_dtype:
+        data = data.view(fmt.op_dtype)
+    v = aligned_rows(v)
+    key = ("cached_pv", fmt.name, config, heads, v.device, *_shape_key(data, block_max, row_lse, v, out))
+    launch = _launch_for(key, lambda: _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config))
+    selfcheck.run(launch, (data, block_max, row_lse, v, out),
+                  lambda: selfcheck.cached_pv_errors(out, data, block_max, row_lse, v, heads, fmt, launch.block_m),
+                  lambda: _cached_pv_reference(out, data, block_max, row_lse, v, heads, fmt))
+
+
+def _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config) -> _Launch:
+    b, h, nq, items = data.shape
+    nk, d = v.shape[1], v.shape[2] // heads
+    arch = target_arch()
+    config = config or cached_pv_config(d, nq, nk, fmt, arch)
+    meta = _constexprs(config, fmt, d, nq, nk, (v.dtype, fmt.dtype), arch)
+    meta.update(INV_TOP=1.0 / fmt.top, ASM=not INTERPRET)
+    a, o = data.element_size(), out.element_size()
+    values = [None] * 5 + [
+        _units(data.stride(0), a), _units(data.stride(1), a), _units(data.stride(2), a),
+        block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
+        _units(v.stride(0), v.element_size()), _units(v.stride(1), v.element_size()),
+        _units(out.stride(0), o), _units(out.stride(1), o), h, nq, nk, items]
+    variant = selfcheck.Variant.of("cached_pv", fmt, meta, (v.dtype,), values)
+    return _Launch.make(tk.cached_pv_kernel, (triton.cdiv(nq, meta["BLOCK_M"]), b * h), values, meta, variant)
+
+
+def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: float, fmt,
+                   config: Config | None = None) -> None:
+    """Attention of ``q``, ``k``, ``v`` into ``out``, its map in format ``fmt`` into ``data`` (as for
+    :func:`launch_cached_pv`), ``block_max``, ``row_lse``."""
+    fmt = formats.get(fmt)
+    if data.dtype != fmt.op_dtype:
+        data = data.view(fmt.op_dtype)
+    q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)
+    scale = float(scale)
+    key = ("capture", fmt.name, config, heads, scale, q.device, *_shape_key(q, k, v, out, data, block_max, row_lse))
+    launch = _launch_for(key, lambda: _make_capture(out, data, block_max, row_lse, q, k, v, heads, scale, fmt, config))
+    selfcheck.run(launch, (q, k, v, out, data, block_max, row_lse),
+                  lambda: selfcheck.capture_errors(out, data, block_max, row_lse, q, k, v, heads, scale, fmt,
+                                                   launch.block_m),
+                  lambda: _capture_reference(out, data, block_max, row_lse, q, k, v, heads, scale, fmt))
+
+
+def _make_capture(out, data, block_max, row_lse, q, k, v, heads, scale, fmt, config) -> _Launch:
+    b, nq, hd = q.shape
+    d, nk = hd // heads, k.shape[1]
+    arch = target_arch()
+    config = config or capture_config(d, nq, nk, fmt, arch)
+    meta = _constexprs(config, fmt, d, nq, nk, (q.dtype, k.dtype, v.dtype), arch)
+    meta.update(TOP=fmt.top, STORED_SUMS=fmt.stored_sums)
+    a = data.element_size()
+    values = [None] * 7 + [
+        *(_units(x.stride(i), x.element_size()) for x in (q, k, v, out) for i in (0, 1)),
+        _units(data.stride(0), a), _units(data.stride(1), a), _units(data.stride(2), a),
+        block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
+        scale * math.log2(math.e), heads, nq, nk, data.shape[-1]]
+    variant = selfcheck.Variant.of("capture", fmt, meta, (q.dtype, k.dtype, v.dtype), values)
+    return _Launch.make(tk.capture_kernel, (triton.cdiv(nq, meta["BLOCK_M"]), b * heads), values, meta, variant)
+
+
+def _cached_pv_reference(out, data, block_max, row_lse, v, heads, fmt) -> None:
+    """The PyTorch path into the kernel's output buffer (a variant that failed its check)."""
+    from .reference import cached_pv_reference
+    from .storage import CachedMap
+    cmap = CachedMap(data.view(fmt.dtype), block_max, row_lse, v.shape[1], fmt)
+    out.copy_(cached_pv_reference(cmap, v, heads))
+
+
+def _capture_reference(out, data, block_max, row_lse, q, k, v, heads, scale, fmt) -> None:
+    from .reference import capture_reference
+    ref_out, cmap = capture_reference(q, k, v, heads, scale, fmt)
+    out.copy_(ref_out)
+    data.copy_(cmap.data.view(data.dtype))
+    block_max.copy_(cmap.block_max)
+    row_lse.copy_(cmap.row_lse)
