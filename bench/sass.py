@@ -198,6 +198,11 @@ def pointer_of(source: tuple[str, int] | None) -> str:
 
 def analyse(kernel) -> Analysis:
     usage, sass = disassemble(kernel.asm["cubin"])
+    return analyse_sass(usage, sass, kernel.metadata.shared)
+
+
+def analyse_sass(usage: str, sass: str, shared_bytes: int) -> Analysis:
+    """An :class:`Analysis` from ``disassemble``'s output."""
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     instrs, labels, branches = parse_sass(sass)
@@ -211,7 +216,6 @@ def analyse(kernel) -> Analysis:
         elif base == "STG":
             stores[pointer_of(i.source)][access_bytes(i.opcode)] += 1
     return Analysis(
-        registers=regs, spill_bytes=stack,
-        shared_bytes=kernel.metadata.shared, instructions=len(instrs), loop=loop,
+        registers=regs, spill_bytes=stack, shared_bytes=shared_bytes, instructions=len(instrs), loop=loop,
         loop_kinds=dict(collections.Counter(kind_of(i.opcode) for i in loop)),
         loads={k: dict(v) for k, v in loads.items()}, stores={k: dict(v) for k, v in stores.items()})

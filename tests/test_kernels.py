@@ -237,14 +237,21 @@ def _run_ptx(asm: str, word: int) -> list[int]:
     return [regs[f"${i}"] for i in range(4)]
 
 
-def test_e2m2_decode_ptx_matches_the_format():
-    """Every byte value in every position of a packed word decodes, through the PTX the kernels run, to the
-    fp16 patterns of its two codes (low nibble first) times 2⁻¹⁴: the values the reference decodes."""
+def test_e2m2_decode_ptx_matches_the_integer_path_for_every_byte():
+    """The interpreter runs the integer decode, never the inline PTX: this runs the PTX (an exact model of shr,
+    prmt and and.b32) on every byte value in every position of a packed word, and asserts it yields the fp16
+    patterns the integer path gives (code << 8 for the low nibble, then the high one), which are the format's
+    values times 2⁻¹⁴. Triton's ``pack=4`` puts element j of four in byte j of $4 and takes output j from $j."""
     from attnreuse.kernels.triton_kernels import _E2M2_TO_FP16
     values = formats.e2m2_values(torch.arange(16, dtype=torch.uint8))
     g = torch.Generator().manual_seed(0)
-    for _ in range(64):
-        word = bytes(torch.randint(0, 256, (4,), generator=g).tolist())
-        for j, pair in enumerate(_run_ptx(str(_E2M2_TO_FP16.value), int.from_bytes(word, "little"))):
-            halves = torch.tensor([pair & 0xFFFF, pair >> 16], dtype=torch.int32).to(torch.int16).view(torch.float16)
-            assert torch.equal(halves.float() * 2.0 ** 14, values[[word[j] & 15, word[j] >> 4]])
+    for j in range(4):
+        for byte in range(256):
+            word = torch.randint(0, 256, (4,), generator=g).tolist()
+            word[j] = byte
+            pairs = _run_ptx(str(_E2M2_TO_FP16.value), int.from_bytes(bytes(word), "little"))
+            for i, pair in enumerate(pairs):  # every output, not only j: the other bytes are random
+                lo, hi = (word[i] & 15) << 8, (word[i] >> 4) << 8  # the integer path of _decode
+                assert pair == lo | hi << 16
+                halves = torch.tensor([lo, hi], dtype=torch.int32).to(torch.int16).view(torch.float16)
+                assert torch.equal(halves.float() * 2.0 ** 14, values[[word[i] & 15, word[i] >> 4]])

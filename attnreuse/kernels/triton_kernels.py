@@ -110,16 +110,16 @@ def _encode(p, MAP_FORMAT: tl.constexpr, FRAGMENT: tl.constexpr, FP8_CVT: tl.con
     elif MAP_FORMAT == MAP_E2M2:
         # The E2M2 code of p · TOP (7) is the e5m2 byte of p · TOP · 2⁻¹⁴ (the top byte of its fp16 pattern):
         # rounded to nearest, ties to even, by the hardware's conversion; without it, by rounding away the fp16
-        # pattern's low 8 bits. Past NK, p = 0: code 0. The stored value comes back as the e5m2 number
-        # (level · 2⁻¹⁴ / TOP, scaled back once per row by the caller).
+        # pattern's low 8 bits. Past NK, p = 0: code 0. The stored value comes back from the code by the integer
+        # path, never by the hardware's e5m2 -> f16 conversion: ptxas 12.8 (Triton 3.6) hoists those conversions
+        # above the loop iteration that produces their inputs, so row sums read registers nothing wrote (NaN maps).
+        # It is the e5m2 number (level · 2⁻¹⁴ / TOP), scaled back once per row by the caller.
         if FP8_CVT:
-            q = (p * (TOP / 16384.0)).to(tl.float8e5)
-            codes = q.to(tl.uint8, bitcast=True)
-            level = q.to(tl.float32)
+            codes = (p * (TOP / 16384.0)).to(tl.float8e5).to(tl.uint8, bitcast=True)
         else:
             u = (p * (TOP / 16384.0)).to(tl.float16).to(tl.uint16, bitcast=True)
             codes = ((u + 0x7F + ((u >> 8) & 1)) >> 8).to(tl.uint8)
-            level = (codes.to(tl.uint16) << 8).to(tl.float16, bitcast=True).to(tl.float32)
+        level = (codes.to(tl.uint16) << 8).to(tl.float16, bitcast=True).to(tl.float32)
         lo, hi = tl.split(tl.reshape(codes, (BLOCK_M, BLOCK_N // 2, 2)))
         return (_fragment_order(lo | (hi << 4), BLOCK_M, 1) if FRAGMENT else lo | (hi << 4)), level
     else:
