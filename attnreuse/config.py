@@ -12,6 +12,7 @@ from .schedule import ScheduleLike, as_schedule_object
 LayerSelector = Union[str, Callable[[str], bool]]
 LAYER_CHOICES = ("all", "self", "cross")
 TARGETS = ("map", "output")
+PLANS = ("measured", "all")
 
 
 def resolve_format(cache_dtype: MapFormat | None, values_dtype: torch.dtype) -> MapFormat:
@@ -52,6 +53,14 @@ class ReuseConfig:
         max_cache_bytes: a memory budget for cached maps. With it (or ``cache_dtype="auto"``), a plan
             measured on this device decides per layer whether reuse pays and fits (``handle.plan``); maps
             that would overflow the budget are not stored (those layers compute instead).
+        plan: ``"measured"`` (default): on a CUDA GPU a layer reuses only where its reuse steps save more than
+            its captures add, ``n_reuse · (compute − reuse) > n_capture · (capture − compute)``, with the layer's
+            costs from a table measured on this GPU in the caller's mode (:mod:`attnreuse.costs`; ``"eager"``
+            unless ``handle.prepare(..., mode="graphed")``), so reuse never makes a step slower by plan; where no
+            layer pays, every layer computes (exactly the unpatched output) and the patch says so once. Off a
+            GPU (CPU, MPS) there is no cost table and every selected layer reuses. ``"all"``: every selected
+            layer reuses, nothing timed (with ``max_cache_bytes`` or ``cache_dtype="auto"`` their plan still
+            decides).
     Knobs:
         backend: ``"auto"`` (Triton kernels for CUDA tensors, PyTorch elsewhere), ``"triton"``, ``"torch"``.
         target: what is reused: ``"map"`` (this method) or ``"output"``, the layer's whole attention output
@@ -64,6 +73,7 @@ class ReuseConfig:
     max_cache_bytes: float | None = None
     backend: str = "auto"
     target: str = "map"
+    plan: str = "measured"
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", as_schedule_object(self.schedule))
@@ -75,6 +85,9 @@ class ReuseConfig:
             raise ValueError(f"backend={self.backend!r}: pass one of {BACKENDS}")
         if self.target not in TARGETS:
             raise ValueError(f"target={self.target!r}: pass one of {TARGETS}")
+        if not isinstance(self.plan, str) or self.plan not in PLANS:
+            raise ValueError(f"plan={self.plan!r}: pass 'measured' (a layer reuses only where that is faster on this "
+                             "GPU, by a measured cost table) or 'all' (every selected layer reuses)")
         budget = self.max_cache_bytes
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0):
             raise ValueError(f"max_cache_bytes={self.max_cache_bytes!r}: pass a number of bytes >= 0, or None")
@@ -83,8 +96,14 @@ class ReuseConfig:
 
     @property
     def planned(self) -> bool:
-        """Whether a per-layer plan decides which layers reuse."""
+        """Whether a per-layer plan decides which layers reuse on any device (a budget or ``"auto"``)."""
         return self.max_cache_bytes is not None or self.cache_dtype == "auto"
+
+    @property
+    def has_plans(self) -> bool:
+        """Whether a patch keeps per-layer plans: with a budget or ``"auto"``, or ``plan="measured"`` for map
+        reuse (on the devices its cost model covers: :meth:`attnreuse.plans.Plans.planning`)."""
+        return self.planned or (self.plan == "measured" and self.target == "map")
 
     def selects(self, name: str, is_cross_attention: bool) -> bool:
         """Whether the attention layer called ``name`` takes part in reuse (asked once, at patch time)."""

@@ -73,19 +73,34 @@ class UnetCalls:
     def before(self, module, args, kwargs):
         sample = self.argument(self.params[0], args, kwargs)  # sample (UNet) or hidden_states (DiT)
         gen = self.clock.for_call(sample, self.argument("timestep", args, kwargs))
-        if self.plans is None:
+        if self.plans is None or not self.plans.planning(sample.device):
             gen.policies = self.fixed
             return
         key = PlanKey.of(sample, self.argument("encoder_hidden_states", args, kwargs), gen.counts)
         policies = self.plans.policies(key)
         if policies is None:
+            where = None
             if torch.compiler.is_compiling():
-                raise RuntimeError(
-                    "attnreuse: max_cache_bytes / cache_dtype='auto' need a plan (kernel timing) for input "
-                    f"{tuple(sample.shape)}, which cannot be made inside torch.compile: call "
-                    "handle.prepare(sample, encoder_hidden_states, num_steps) before the compiled UNet runs")
-            policies = self.plans.make(key)
+                where = "inside torch.compile"
+            elif sample.is_cuda and torch.cuda.is_current_stream_capturing():
+                where = "while a CUDA graph is being captured"
+            if where is not None:
+                raise RuntimeError(self.no_plan(tuple(sample.shape), where))
+            policies = self.plans.make(key)  # eager: a generation's first call plans with eager costs
         gen.policies = policies
+
+    def no_plan(self, shape: tuple[int, ...], where: str) -> str:
+        """The error of a call that needs a plan where none can be made (kernels cannot be timed there)."""
+        if self.plans.planned:
+            what = "max_cache_bytes / cache_dtype='auto' need"
+            instead = "patch with plan='all' and neither max_cache_bytes nor cache_dtype='auto'"
+        else:
+            what = "plan='measured' (the default) needs"
+            instead = "patch with plan='all' (every selected layer reuses, nothing timed)"
+        return (f"attnreuse: {what} a per-layer plan (kernel timing) for input {shape}, which cannot be made "
+                f"{where}: call handle.prepare(sample, encoder_hidden_states, num_steps) before the compiled UNet "
+                "runs or the graph is captured (with mode='graphed' for CUDA graphs and "
+                f"torch.compile(mode='reduce-overhead')), or {instead}")
 
     def after(self, module, args, output):
         self.clock.after_call()

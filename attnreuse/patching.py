@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import Attention
 
 from .clock import Clock, Generation
 from .config import ReuseConfig
+from .costs import check_mode
 from .hooks import Processors, UnetCalls
 from .planner import LayerPlan
 from .plans import PlanKey, Plans
@@ -20,21 +21,23 @@ _HANDLE_ATTR = "_attnreuse_handle"
 
 
 def patch(model, schedule: ScheduleLike, *, layers="all", cache_dtype=None, max_cache_bytes=None,
-          backend: str = "auto", target: str = "map") -> "ReuseHandle":
+          backend: str = "auto", target: str = "map", plan: str = "measured") -> "ReuseHandle":
     """Make ``model`` reuse attention maps on the steps where ``schedule`` says 0.
 
     Args:
         model: a diffusers ``UNet2DConditionModel`` or DiT transformer whose attention runs diffusers'
             ``AttnProcessor2_0`` (PixArt-α/Σ), or a pipeline with one as ``.unet`` / ``.transformer`` (then the
             pipeline's progress bar drives the steps: see :mod:`attnreuse.progress_clock`).
-        schedule, layers, cache_dtype, max_cache_bytes, backend, target: see :class:`attnreuse.ReuseConfig`.
+        schedule, layers, cache_dtype, max_cache_bytes, backend, target, plan: see :class:`attnreuse.ReuseConfig`.
+            By default (``plan="measured"``) a layer reuses on a CUDA GPU only where that is faster there, by a
+            cost table measured on the GPU (:mod:`attnreuse.costs`); off a GPU every selected layer reuses.
 
     Returns a :class:`ReuseHandle` (also a context manager that unpatches on exit). Patching a patched
     model replaces the earlier patch, and the pipelines that drove the earlier patch's steps drive the new
     one's; everything is validated first, so a rejected patch changes nothing.
     """
     config = ReuseConfig(schedule=schedule, layers=layers, cache_dtype=cache_dtype, max_cache_bytes=max_cache_bytes,
-                         backend=backend, target=target)
+                         backend=backend, target=target, plan=plan)
     unet, pipe = _resolve(model)
     previous = getattr(unet, _HANDLE_ATTR, None)
     chosen = _find_layers(unet, config, previous)  # validates everything before anything changes
@@ -109,15 +112,16 @@ class _LayerNames:
 class ReuseHandle:
     """A live patch: the clock (steps, per-thread generations), the plans, and the way back (:meth:`remove`).
 
-    ``plans`` (None unless ``max_cache_bytes`` or ``cache_dtype="auto"``) holds one per-layer plan per kind of
-    input; its ``cost`` attribute is the cost model they are made with (measured on the device by default).
+    ``plans`` (None with ``plan="all"`` and neither ``max_cache_bytes`` nor ``cache_dtype="auto"``, or with
+    ``target="output"`` and neither) holds one per-layer plan per kind of input; its ``cost`` attribute is the
+    cost model they are made with (by default the table measured on this GPU: :mod:`attnreuse.costs`).
     """
 
     def __init__(self, unet: torch.nn.Module, config: ReuseConfig, layers: dict[str, Attention], pipes=()):
         self.unet = unet
         self.config = config
         self.clock = Clock(config.schedule, config.max_cache_bytes)
-        self.plans = Plans(unet, tuple(layers), config) if config.planned else None
+        self.plans = Plans(unet, tuple(layers), config) if config.has_plans else None
         kind = OutputReuseProcessor if config.target == "output" else MapReuseProcessor
         self._processors = Processors(layers, lambda name, proc: kind(name, proc, self.clock, config.backend))
         self.clock.on_begin = self.check_installed
@@ -168,7 +172,10 @@ class ReuseHandle:
 
     @property
     def plan(self) -> list[LayerPlan] | None:
-        """The per-layer plan made last (``max_cache_bytes`` or ``cache_dtype="auto"``), else None."""
+        """The per-layer plan made last: every layer's decision, its reason and numbers (per-call costs, the
+        saving; :class:`~attnreuse.planner.LayerPlan`). None before the first plan, and where nothing plans
+        (``plan="all"`` without a budget or ``"auto"``; off a GPU, where there is no cost table; a schedule
+        without reuse steps)."""
         return None if self.plans is None else self.plans.latest
 
     # ---- what users call --------------------------------------------------------------------------------
@@ -193,15 +200,22 @@ class ReuseHandle:
         pipe.progress_bar = ProgressClock(self.clock, pipe)  # an instance attribute: the class stays
         self._pipes.append(pipe)
 
-    def prepare(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                num_steps: int) -> list[LayerPlan] | None:
-        """Make the per-layer plan (kernel timing) for UNet inputs like these, ahead of sampling: needed
-        before a compiled UNet runs with ``max_cache_bytes`` or ``cache_dtype="auto"``. Without either,
-        nothing plans: returns None."""
-        if self.plans is None:
+    def prepare(self, sample: torch.Tensor, encoder_hidden_states: torch.Tensor, num_steps: int,
+                mode: str = "eager") -> list[LayerPlan] | None:
+        """Make the per-layer plan for UNet inputs like these (their shape, dtype and device: empty tensors do)
+        ahead of sampling, and return it: what each layer will do, why, and its numbers; nothing is sampled.
+
+        ``mode``: whose costs decide: ``"eager"`` (an eager caller, host launch overhead included: what a
+        generation's first UNet call plans with) or ``"graphed"`` (GPU time alone: for CUDA graphs and
+        ``torch.compile(mode="reduce-overhead")``). Preparing again in another mode replaces the plan for these
+        inputs. Needed before a compiled UNet runs or a CUDA graph is captured with a plan (``plan="measured"``
+        on a GPU, ``max_cache_bytes``, ``cache_dtype="auto"``). Where nothing plans (``plan="all"`` without a
+        budget or ``"auto"``, no cost table on this device, no reuse step), returns None."""
+        check_mode(mode)
+        if self.plans is None or not self.plans.planning(sample.device):
             return None
         steps = step_counts(actions(self.config.schedule.resolve(num_steps)))
-        self.plans.make(PlanKey.of(sample, encoder_hidden_states, steps))
+        self.plans.make(PlanKey.of(sample, encoder_hidden_states, steps), mode, again=True)
         return self.plan
 
     def reset(self) -> None:

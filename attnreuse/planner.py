@@ -1,25 +1,18 @@
-"""Per-layer reuse plan: which layers reuse, with which map format, under a memory budget.
+"""Per-layer reuse plan: which layers reuse, with which map format, under a memory budget (pure logic: the
+costs come from :mod:`attnreuse.costs`, measured on the GPU at hand, or from the user).
 
 A layer's reuse saves, per generation, ``n_reuse · (t_compute − t_reuse) − n_capture · (t_capture − t_compute)``
 milliseconds, where ``t_compute`` is what an ordinary step spends on the map (``to_q``, ``to_k`` and
 attention), ``t_capture`` the same with the map stored, and ``t_reuse`` the ``A·V`` of a reuse step.
 The plan keeps layers whose saving is positive, best saving per byte first, until the budget is full.
-Costs are measured once per shape on the device at hand and kept in memory (:data:`COSTS`).
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import torch
-import torch.nn.functional as F
-
-from . import kernels
 from .kernels import MapFormat, formats, storage_nbytes
-from .timing import median_ms
-from .kernels.reference import split_heads
 
 
 @dataclass(frozen=True)
@@ -46,24 +39,65 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class LayerPlan:
+    """One layer's decision. ``cost`` (per call) is that of ``format`` when the layer reuses, else of the map
+    format that came closest to paying (``considered``); ``n_reuse`` / ``n_capture``: the generation's reuse
+    and capture steps the saving was counted over; ``mode``: the costs' mode (``"eager"``, ``"graphed"``),
+    None where they came from a cost model without modes."""
+
     name: str
     reuse: bool
     format: MapFormat | None  # map storage when reusing
     bytes: int  # map bytes held while reusing
-    saving_ms: float  # expected per generation (one branch), for the chosen format
+    saving_ms: float  # expected per generation (one branch), for the chosen format; 0 when the layer computes
     reason: str
+    cost: LayerCost | None = None
+    considered: MapFormat | None = None
+    n_reuse: int = 0
+    n_capture: int = 0
+    mode: str | None = None
+
+    @property
+    def reuse_saves_ms(self) -> float:
+        """What the reuse steps save: ``n_reuse · (compute − reuse)``."""
+        return self.n_reuse * (self.cost.compute - self.cost.reuse) if self.cost else 0.0
+
+    @property
+    def captures_add_ms(self) -> float:
+        """What the capture steps add: ``n_capture · (capture − compute)``."""
+        return self.n_capture * (self.cost.capture - self.cost.compute) if self.cost else 0.0
+
+    @property
+    def net_ms(self) -> float:
+        """Time saved per generation (one branch) if the layer reused: negative where reuse does not pay."""
+        return self.reuse_saves_ms - self.captures_add_ms
 
 
 CostFn = Callable[[LayerShape, MapFormat], LayerCost]
 
 
+def _ms(x: float) -> str:
+    return f"{x:.3g} ms"
+
+
+def explain(cost: LayerCost, n_reuse: int, n_capture: int) -> str:
+    """What reuse saves and what its captures add, in words (the numbers of a plan's reasons)."""
+    gain, added = n_reuse * (cost.compute - cost.reuse), n_capture * (cost.capture - cost.compute)
+    if gain <= 0:
+        return (f"a reuse call takes {_ms(cost.reuse)}, no less than computing ({_ms(cost.compute)}), and its "
+                f"{n_capture} capture(s) add {_ms(added)}")
+    verb = "but" if gain <= added else "and"
+    return (f"reuse saves {_ms(gain)} over {n_reuse} reuse step(s) {verb} its {n_capture} capture(s) add "
+            f"{_ms(added)}")
+
+
 def make_plan(shapes: dict[str, LayerShape], cost: CostFn, candidates: Iterable, n_reuse: int,
-              n_capture: int, max_bytes: float = math.inf) -> list[LayerPlan]:
+              n_capture: int, max_bytes: float = math.inf, mode: str | None = None) -> list[LayerPlan]:
     """Choose per layer whether to reuse and in which of the map formats ``candidates``; never more than
     ``max_bytes`` in all.
 
     Each layer takes the format with the largest saving (ties: fewer bytes); layers are then admitted by
-    saving per byte while the budget lasts.
+    saving per byte while the budget lasts. Pure: says nothing (the patch's :class:`~attnreuse.plans.Plans`
+    tells the user, once, when no layer reuses).
     """
     candidates = [formats.get(c) for c in candidates]
     options = {}
@@ -74,20 +108,20 @@ def make_plan(shapes: dict[str, LayerShape], cost: CostFn, candidates: Iterable,
             saving = n_reuse * (c.compute - c.reuse) - n_capture * (c.capture - c.compute)
             nbytes = storage_nbytes(shape.batch, shape.heads, shape.q_tokens, shape.kv_tokens, fmt)
             if best is None or (saving, -nbytes) > (best[1], -best[2]):
-                best = (fmt, saving, nbytes)
+                best = (fmt, saving, nbytes, c)
         options[name] = best
     plans, used = {}, 0
-    for name, (fmt, saving, nbytes) in sorted(options.items(), key=lambda kv: -kv[1][1] / kv[1][2]):
+    for name, (fmt, saving, nbytes, c) in sorted(options.items(), key=lambda kv: -kv[1][1] / kv[1][2]):
+        numbers = dict(cost=c, considered=fmt, n_reuse=n_reuse, n_capture=n_capture, mode=mode)
         if saving <= 0:
-            plans[name] = LayerPlan(name, False, None, 0, 0.0, "reuse is not faster than recomputing here")
+            plans[name] = LayerPlan(name, False, None, 0, 0.0, "reuse is not faster than recomputing here: "
+                                    + explain(c, n_reuse, n_capture), **numbers)
         elif used + nbytes > max_bytes:
-            plans[name] = LayerPlan(name, False, None, 0, 0.0, "over the memory budget")
+            plans[name] = LayerPlan(name, False, None, 0, 0.0, "over the memory budget", **numbers)
         else:
             used += nbytes
-            plans[name] = LayerPlan(name, True, fmt, nbytes, saving, "reuse")
-    if plans and not any(p.reuse for p in plans.values()):
-        warnings.warn("attnreuse: no layer is worth reusing within the budget "
-                      f"({max_bytes:.3g} bytes): sampling runs with plain attention", stacklevel=3)
+            plans[name] = LayerPlan(name, True, fmt, nbytes, saving, f"reuse ({fmt.name}): "
+                                    + explain(c, n_reuse, n_capture), **numbers)
     return [plans[name] for name in shapes]
 
 
@@ -111,8 +145,8 @@ def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...],
         elif parts[0] == "up_blocks":
             factor = 2 ** (sum(down) - sum(up[: int(parts[1])]))
         else:
-            raise TypeError(f"{name}: cannot place this layer in the UNet to plan it; pass cache_dtype and no "
-                            "max_cache_bytes to reuse without a plan")
+            raise TypeError(f"{name}: cannot place this layer in the UNet to plan it; patch with plan='all' "
+                            "(and neither max_cache_bytes nor cache_dtype='auto') to reuse without a plan")
         attn = modules[name]
         inner = attn.to_q.out_features
         q_tokens = math.ceil(height / factor) * math.ceil(width / factor)
@@ -121,45 +155,7 @@ def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...],
     return out
 
 
-# ---- measured costs -----------------------------------------------------------------------------------
-
-COSTS: dict[tuple, LayerCost] = {}  # (shape, map format, model dtype, device name, backend) -> cost
-
-
-def measured_cost(device: torch.device, model_dtype: torch.dtype, backend: str = "auto") -> CostFn:
-    """A cost function that times each new shape on ``device`` once, with the backend attnreuse would use."""
-    def cost(shape: LayerShape, fmt: MapFormat) -> LayerCost:
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        key = (shape, fmt.name, model_dtype, name, backend)
-        if key not in COSTS:
-            COSTS[key] = _measure(shape, fmt, device, model_dtype, backend)
-        return COSTS[key]
-    return cost
-
-
-@torch.no_grad()
-def _measure(s: LayerShape, fmt: MapFormat, device, model_dtype, backend) -> LayerCost:
-    def rand(*size):
-        return torch.randn(*size, device=device, dtype=model_dtype)
-    hs, ctx = rand(s.batch, s.q_tokens, s.q_dim), rand(s.batch, s.kv_tokens, s.kv_dim)
-    wq, wk = rand(s.heads * s.head_dim, s.q_dim), rand(s.heads * s.head_dim, s.kv_dim)
-    v = rand(s.batch, s.kv_tokens, s.heads * s.head_dim)
-
-    def compute():
-        q, k = F.linear(hs, wq), F.linear(ctx, wk)
-        return F.scaled_dot_product_attention(split_heads(q, s.heads), split_heads(k, s.heads),
-                                              split_heads(v, s.heads))
-
-    def capture():
-        return kernels.capture(F.linear(hs, wq), F.linear(ctx, wk), v, s.heads, s.head_dim ** -0.5, fmt,
-                               backend=backend)
-
-    cmap = capture()[1]
-    return LayerCost(compute=median_ms(compute, device), capture=median_ms(capture, device),
-                     reuse=median_ms(lambda: kernels.cached_pv(cmap, v, s.heads, backend=backend), device))
-
-
-def auto_formats(model_dtype: torch.dtype) -> tuple[MapFormat, ...]:
+def auto_formats(model_dtype) -> tuple[MapFormat, ...]:
     """The map formats ``cache_dtype="auto"`` chooses among, by measured time saved: the model's dtype, fp8
     and fp4 (their quality cost against fp16 maps on the embedded model's PHAST schedules: docs/fidelity.md)."""
     return tuple(dict.fromkeys((formats.get(model_dtype), formats.get("fp8"), formats.get("fp4"))))

@@ -1,5 +1,9 @@
-"""Timing on a device, for the planner, the command line and the benchmarks: a median timer, CUDA-graph
-capture, and a UNet's capturing and reusing steps."""
+"""Leaf timing helpers, for the cost tables, the command line and the benchmarks: a median timer with CUDA
+events, a wall-clock timer of back-to-back calls (what an eager caller waits), and CUDA-graph capture.
+
+This module imports nothing from attnreuse: measuring sits below everything that patches (the UNet's step
+kinds are timed in :mod:`attnreuse.steps`, above :mod:`attnreuse.patching`).
+"""
 from __future__ import annotations
 
 import time
@@ -27,6 +31,39 @@ def median_ms(fn, device: torch.device | str, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (CUDA, MPS, ...); a CPU runs synchronously."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is not None and hasattr(backend, "synchronize"):
+            backend.synchronize()
+
+
+def wall_ms(fn, device: torch.device | str, calls: int = 10, reps: int = 5) -> float:
+    """Milliseconds per call of ``fn()`` as an eager caller sees them: the median over ``reps`` rounds of
+    (wall time of ``calls`` back-to-back calls, device synchronised before and after) / ``calls``, after one
+    warm-up call.
+
+    Back-to-back calls measure a call's share of a stream of calls: its GPU time while the host keeps ahead
+    of the GPU, its host time (Python, dispatch, kernel launches) once the host falls behind, as in an eager
+    UNet that is host-bound (SD1.5 512² on a fast GPU). CUDA events around one lone call would show the GPU
+    time alone, and hide exactly the launch overhead that decides whether reuse pays eagerly.
+    """
+    fn()  # warm-up (compilation, autotuning, allocator)
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
 def graphed(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
     """Record ``fn`` into a CUDA graph, after warm-up calls on a side stream (compilation, autotuning)."""
     side = torch.cuda.Stream()
@@ -39,16 +76,3 @@ def graphed(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
-
-
-def capture_and_reuse(unet: torch.nn.Module, time_fn, cache_dtype: str | None) -> tuple:
-    """``time_fn()`` of one call of ``unet`` patched to capture the maps in ``cache_dtype``, then to reuse them,
-    and the bytes of the cached maps: ``(capture, reuse, nbytes)``."""
-    from .patching import patch  # patching imports this module (through the planner)
-
-    with patch(unet, "10", cache_dtype=cache_dtype) as handle, handle.generation(2) as gen:
-        gen.hold(0)  # "10": step 0 captures
-        capture = time_fn()
-        gen.hold(1)  # every call now reuses the maps of the last capture
-        reuse = time_fn()
-        return capture, reuse, handle.cache_bytes

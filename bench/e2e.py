@@ -3,11 +3,13 @@
 UNets built from the public SD1.5 / SD2.1 / SDXL configs with random fp16 weights, batch 2 (CFG). Per
 UNet call, eager and CUDA-graph replay: default diffusers attention (SDPA), attention removed (the
 ceiling of any reuse method), materialised attention (``AttnProcessor``, the paper's setting), an
-attnreuse reuse step and capture step with fp16, fp8 and 4-bit maps. Then 20-step DDIM loops (graph replay
-per step): full, HURRY-10, and step reduction to the same latency. With the ``DeepCache`` package: a DeepCache
-cached step (deep blocks from the last full step; interval 3, branch 0) alone, capturing and reusing fp8 maps,
-and 20-step estimates from the per-call times: DeepCache alone, and with HURRY-10 / PHAST-10 map reuse (on
-SD1.5 the costly 64² self-attention is in the shallow blocks DeepCache still computes, so the savings add).
+attnreuse reuse step and capture step with fp16, fp8 and 4-bit maps, every layer reusing (``plan="all"``: what
+the kernels give; ``python -m attnreuse bench`` shows the default plan's). Then 20-step DDIM loops (graph replay
+per step): full, HURRY-10 (``plan="all"``), and step reduction to the same latency. With the ``DeepCache``
+package: a DeepCache cached step (deep blocks from the last full step; interval 3, branch 0) alone, capturing
+and reusing fp8 maps, and 20-step estimates from the per-call times: DeepCache alone, and with HURRY-10 /
+PHAST-10 map reuse (on SD1.5 the costly 64² self-attention is in the shallow blocks DeepCache still computes,
+so the savings add).
 ``--dry-run`` runs the same code eagerly on a tiny UNet on the CPU.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ if __package__ in (None, ""):  # run as a file: python bench/e2e.py
 
 import attnreuse
 from attnreuse.architectures import CONFIGS as PUBLIC_CONFIGS, TEXT_TOKENS
-from attnreuse.timing import capture_and_reuse, graphed, median_ms
+from attnreuse.steps import capture_and_reuse
+from attnreuse.timing import graphed, median_ms
 from bench.measure import DEEPCACHE_INTERVAL, PHAST_SD15, copy_bandwidth, deepcache  # noqa: E402
 
 CONFIGS = dict(PUBLIC_CONFIGS, tiny=dict(  # tiny: the CPU dry run
@@ -95,7 +98,8 @@ class Bench:
         helper.start_timestep = 0
         r = {}
         try:
-            with attnreuse.patch(self.unet, "10", cache_dtype="fp8") as handle, handle.generation(2) as gen:
+            with attnreuse.patch(self.unet, "10", cache_dtype="fp8", plan="all") as handle, \
+                    handle.generation(2) as gen:
                 helper.cur_timestep = 0  # a full DeepCache step, capturing every layer's map
                 gen.hold(0)
                 self.time_call()
@@ -119,7 +123,9 @@ class Bench:
         sched = DDIMScheduler(num_train_timesteps=1000)
         sched.set_timesteps(steps, device=self.device)
         latents = self.x.clone()
-        handle = attnreuse.patch(self.unet, schedule, cache_dtype=cache_dtype) if schedule is not None else None
+        # plan="all": every layer reuses, what the kernels give (python -m attnreuse bench shows the default plan)
+        handle = (attnreuse.patch(self.unet, schedule, cache_dtype=cache_dtype, plan="all") if schedule is not None
+                  else None)
         gen = handle.generation(len(schedule)) if handle is not None else None
         acts = attnreuse.schedule.actions(schedule or (1,) * steps)
         runners = {}  # one per kind of step, each returning the UNet's output

@@ -45,6 +45,49 @@ def test_bench_a_pipeline_folder_on_cpu(tmp_path):
     md = (out / "report.md").read_text()
     assert "| reusing |" in md and "fewer steps in the schedule's time" in md and "CPU" in md
     assert (out / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = report["default_plan"]
+    assert (plan["reuse_steps"], plan["capture_steps"]) == (2, 2)
+    eager, graphed = plan["eager"], plan["graphed"]
+    assert graphed == {"available": False, "note": "CUDA graphs need a CUDA GPU: not available on cpu"}
+    assert eager["available"] and "no cost table" in eager["note"]  # a CPU: every layer reuses, nothing planned
+    assert len(eager["layers"]) == eager["reusing_layers"] == 14 and all(x["reuse"] for x in eager["layers"])
+    assert eager["measured_rho"] == pytest.approx(eager["reuse_ms"] / eager["compute_ms"])
+    saved = sum(x["compute_ms"] - x["reuse_ms"] for x in eager["layers"])
+    assert eager["predicted_rho"] == pytest.approx((eager["compute_ms"] - saved) / eager["compute_ms"])
+    first = eager["layers"][0]
+    assert first["saving_ms"] == pytest.approx(2 * (first["compute_ms"] - first["reuse_ms"])
+                                               - 2 * (first["capture_ms"] - first["compute_ms"]))
+    assert "| predicted ρ |" in md and "| measured ρ |" in md and "| layer | eager |" in md
+    assert "not available on cpu" in md and f"| {first['name']} | reuse fp32: " in md
+
+
+def test_bench_reports_a_measured_plans_decisions(tmp_path, monkeypatch):
+    """The path a GPU takes, on a CPU: a cost table (injected: self-attention at 8x8 pays, the rest does not)
+    decides per layer, and the prediction comes from the plan's own costs."""
+    from attnreuse import plans
+    from attnreuse.costs import CostStore, MeasuredCosts
+    from attnreuse.planner import LayerCost
+
+    def fake(shape, fmt, device, dtype, backend, mode):
+        return LayerCost(1.0, 1.1, 0.5) if shape.kv_tokens == 64 else LayerCost(1.0, 1.5, 2.0)
+
+    monkeypatch.setattr(plans, "MeasuredCosts", lambda: MeasuredCosts(CostStore(tmp_path / "costs"), measure=fake,
+                                                                      device_types=("cpu",)))
+    model = save_tiny_pipeline(tmp_path / "tiny-sd")
+    prompts = write_prompts(tmp_path / "prompts.txt")
+    sched = schedule_file(tmp_path / "schedule.json", "110110")
+    report = cli(["bench", "--model", str(model), "--prompts", str(prompts), "--schedule", sched, "--out",
+                  str(tmp_path / "report"), "--reps", "1"])
+    eager = report["default_plan"]["eager"]
+    top = {"down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1"}
+    assert eager["note"] is None and eager["reusing_layers"] == 3
+    for x in eager["layers"]:
+        assert x["reuse"] == (x["name"].endswith("attn1") and x["name"].rsplit(".", 3)[0] in top), x
+    assert all((x["saving_ms"] > 0) == x["reuse"] for x in eager["layers"])
+    assert eager["predicted_rho"] == pytest.approx((eager["compute_ms"] - 3 * 0.5) / eager["compute_ms"])
+    assert list((tmp_path / "costs").glob("costs-cpu-*.json"))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| layers reusing | 3 of 14 | n/a |" in md and "computes: 1.000 / 1.500 / 2.000, -3.000 ms" in md
 
 
 def test_bench_takes_what_the_search_used(tmp_path):

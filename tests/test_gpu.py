@@ -17,7 +17,7 @@ def test_triton_path_matches_torch_path(arch, cache_dtype):
     unet = make_unet(arch, sample_size=16).to("cuda", torch.float16)
     outs = {}
     for backend in ("torch", "triton"):
-        with attnreuse.patch(unet, attnreuse.hurry(10, 5), cache_dtype=cache_dtype, backend=backend):
+        with attnreuse.patch(unet, attnreuse.hurry(10, 5), cache_dtype=cache_dtype, backend=backend, plan="all"):
             outs[backend] = sample(unet, steps=10, size=16, device="cuda").float()
     rel = ((outs["triton"] - outs["torch"]).norm() / outs["torch"].norm()).item()
     assert rel < {"fp16": 5e-3, "fp8": 2e-2, "fp4": 5e-2}[cache_dtype], rel
@@ -54,3 +54,30 @@ def test_kernels_under_torch_compile_and_cuda_graphs():
     v.copy_(torch.randn_like(v))
     graph.replay()
     assert torch.equal(out, cached_pv(ref_map, v, h, backend="triton"))
+
+
+def test_measured_plan_on_gpu(tmp_path, monkeypatch):
+    """The default plan on a GPU: costs measured eager and graphed into a table on disk (read back by another
+    store without measuring), every layer's decision following its costs, the output finite; where no layer
+    reuses, exactly the unpatched output."""
+    from attnreuse import costs
+    from attnreuse.planner import layer_shapes
+
+    monkeypatch.setenv("ATTNREUSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(costs, "STORE", costs.CostStore())
+    unet = make_unet("sd15", sample_size=16).to("cuda", torch.float16)
+    names = [n for n, m in unet.named_modules() if type(m).__name__ == "Attention"]
+    shapes = list(dict.fromkeys(layer_shapes(unet, names, (2, 4, 16, 16), 7).values()))
+    table = costs.measure_costs(shapes, ["fp16", "fp8"], "cuda", torch.float16)
+    assert len(table) == len(shapes) * 2 * 2 and all(c.compute > 0 and c.reuse > 0 for c in table.values())
+    assert costs.measure_costs(shapes, ["fp8"], "cuda", torch.float16, store=costs.CostStore(tmp_path),
+                               measure=lambda *a: pytest.fail("measured again")).keys() <= table.keys()
+    ref = sample(unet, steps=10, size=16, device="cuda")
+    with attnreuse.patch(unet, attnreuse.hurry(10, 5), cache_dtype="fp8") as handle:
+        out = sample(unet, steps=10, size=16, device="cuda")
+        plan = handle.plan
+        assert plan is not None and {p.mode for p in plan} == {"eager"}
+        assert all(p.reuse == (p.net_ms > 0) for p in plan)
+    assert torch.isfinite(out).all()
+    if not any(p.reuse for p in plan):
+        assert torch.equal(out, ref)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_plan_picks_dtype_and_skips_layers_that_do_not_pay():
 
 @pytest.mark.parametrize("budget", [0, 1e6, nbytes("mid", F16), nbytes("big", FP8), 1e12])
 def test_plan_never_exceeds_the_budget(budget):
-    with pytest.warns(UserWarning, match="plain attention") if budget < nbytes("mid", F16) else _no_warning():
+    with _no_warning():  # make_plan is pure: the patch tells the user (once)
         plan = make_plan(SHAPES, COSTS, (F16, FP8), n_reuse=10, n_capture=1, max_bytes=budget)
     assert sum(p.bytes for p in plan) <= budget
     chosen = {p.name for p in plan if p.reuse}
@@ -206,8 +207,11 @@ def test_attention_shapes_of_the_public_configs():
 
 def test_plans_use_the_cost_model_set_last_and_keep_it_when_patched_again():
     unet = make_unet("sd15")
-    with attnreuse.patch(unet, attnreuse.hurry(4, 2)) as handle:
+    with attnreuse.patch(unet, attnreuse.hurry(4, 2), plan="all") as handle:
         assert handle.plans is None and handle.prepare(torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32), 4) is None
+    with attnreuse.patch(unet, attnreuse.hurry(4, 2)) as handle:  # plan="measured": no cost table on a CPU
+        assert handle.plans is not None and not handle.plans.planning(torch.device("cpu"))
+        assert handle.prepare(torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32), 4) is None
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
     with patch_with_costs(unet, attnreuse.hurry(4, 2), lambda s, fmt: LayerCost(1.0, 1.2, 0.5), cache_dtype="auto"):
         handle = attnreuse.patch(unet, attnreuse.hurry(4, 2), cache_dtype="auto")  # patched again: no timing
@@ -224,3 +228,117 @@ def test_auto_chooses_fp4_where_it_saves_most():
     reuse_ms = {F16: 0.16, FP8: 0.08, FP4: 0.05}
     plan = make_plan(SHAPES, lambda s, fmt: LayerCost(0.2, 0.3, reuse_ms[fmt]), candidates, n_reuse=10, n_capture=1)
     assert [p.format for p in plan] == [FP4] * 3 and plan[0].bytes == nbytes("big", FP4) < nbytes("big", FP8)
+
+
+# ---- the default plan (plan="measured") with injected cost tables ------------------------------------------------
+
+def _attention(unet):
+    return {n: m for n, m in unet.named_modules() if type(m).__name__ == "Attention"}
+
+
+def test_default_plan_reuses_exactly_the_layers_that_pay():
+    """Self-attention pays, cross-attention does not (fixed_costs): only self-attention maps are stored, and a
+    layer that computes gives exactly what the unpatched layer gives for its input."""
+    unet = make_unet("sd15")
+    layers = _attention(unet)
+    seen = {}
+
+    def record(name):
+        return lambda mod, args, kwargs, out: seen.setdefault(name, []).append((args, dict(kwargs), out))
+    hooks = [m.register_forward_hook(record(n), with_kwargs=True) for n, m in layers.items() if n.endswith("attn2")]
+    with patch_with_costs(unet, attnreuse.hurry(6, 3), fixed_costs) as handle:
+        assert handle.config.plan == "measured"
+        maps = {}
+        hook = unet.register_forward_pre_hook(lambda m, a: maps.update(handle.current.cache.maps))
+        sample(unet, steps=6)
+        hook.remove()
+        plan = {p.name: p for p in handle.plan}
+    for h in hooks:
+        h.remove()
+    self_attn = {n for n in layers if n.endswith("attn1")}
+    assert {n for n, p in plan.items() if p.reuse} == self_attn == {k[0] for k in maps}
+    for name, p in plan.items():
+        assert (p.n_reuse, p.n_capture) == (3, 1) and p.reuse == (p.net_ms > 0)
+        if p.reuse:
+            assert p.saving_ms == pytest.approx(3 * (1.0 - 0.5) - (1.2 - 1.0)) == pytest.approx(p.net_ms)
+            assert p.reason == "reuse (fp32): reuse saves 1.5 ms over 3 reuse step(s) and its 1 capture(s) add 0.2 ms"
+        else:
+            assert p.cost == LayerCost(1.0, 1.5, 2.0) and p.saving_ms == 0 and p.format is None
+            assert p.reason.startswith("reuse is not faster than recomputing here: a reuse call takes 2 ms")
+    assert set(seen) == set(layers) - self_attn and all(len(calls) == 6 for calls in seen.values())
+    with torch.no_grad():  # unpatched now: the original processors, on the very inputs of the patched run
+        for name, calls in seen.items():
+            assert all(torch.equal(layers[name](*args, **kwargs), out) for args, kwargs, out in calls), name
+
+
+def _never_pays(s, fmt):
+    """Reuse saves 0.1 ms a step, a capture adds 0.5 ms: with 3 reuse steps and 1 capture, no layer pays."""
+    return LayerCost(1.0, 1.5, 0.9)
+
+
+def test_no_layer_pays_runs_unpatched_and_says_so_once():
+    unet = make_unet("sd15")
+    ref = sample(unet, steps=6)
+    with patch_with_costs(unet, attnreuse.hurry(6, 3), _never_pays) as handle:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outs = [sample(unet, steps=6), sample(unet, steps=6)]  # two generations
+            sample(unet, steps=6, size=16)  # another input: its own plan, nothing said again
+        assert handle.peak_cache_bytes == 0 and not any(p.reuse for p in handle.plan)
+    told = [str(w.message) for w in caught if "no layer is worth reusing" in str(w.message)]
+    assert len(told) == 1, told
+    assert "on cpu (eager costs" in told[0] and "every layer computes, exactly as unpatched" in told[0]
+    assert "reuse saves 0.3 ms over 3 reuse step(s) but its 1 capture(s) add 0.5 ms" in told[0]
+    assert "mode='graphed'" in told[0] and "plan='all'" in told[0]
+    assert all(torch.equal(out, ref) for out in outs)
+
+
+def test_plan_all_and_the_cpu_default_reuse_every_layer():
+    """plan="all" is the behaviour before plans; so is plan="measured" off a GPU (no cost table, nothing timed),
+    and with costs where every layer pays."""
+    unet = make_unet("sd15")
+    ref = sample(unet, steps=6)
+    outs = {}
+    for plan in ("all", "measured"):
+        with attnreuse.patch(unet, attnreuse.hurry(6, 3), plan=plan) as handle:
+            outs[plan] = sample(unet, steps=6)
+            assert handle.plan is None and handle.config.plan == plan
+            assert (handle.plans is None) == (plan == "all")
+    with patch_with_costs(unet, attnreuse.hurry(6, 3), lambda s, fmt: LayerCost(1.0, 1.2, 0.5)) as handle:
+        outs["pays everywhere"] = sample(unet, steps=6)
+        assert all(p.reuse for p in handle.plan) and len(handle.plan) == len(handle.layers)
+    assert not torch.equal(outs["all"], ref)
+    assert all(torch.equal(out, outs["all"]) for out in outs.values())
+
+
+@pytest.mark.parametrize("bad", ["fast", "ALL", None, 1])
+def test_bad_plan_value_is_an_error(bad):
+    with pytest.raises(ValueError, match=r"plan=.*: pass 'measured' .* or 'all' \(every selected layer reuses\)"):
+        attnreuse.patch(make_unet("sd15"), "10", plan=bad)
+    with pytest.raises(ValueError, match="plan="):
+        attnreuse.ReuseConfig("10", plan=bad)
+
+
+def test_compiled_unet_without_a_plan_names_prepare_and_plan_all():
+    unet = make_unet("sd15")
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 32)
+
+    def two_steps(model, handle):
+        with torch.no_grad(), handle.generation(2) as gen:
+            model(x, 900, encoder_hidden_states=context)
+            gen.step(1)
+            return model(x, 800, encoder_hidden_states=context).sample
+
+    torch._dynamo.reset()
+    try:
+        with patch_with_costs(unet, "10", fixed_costs) as handle:  # plan="measured" with costs: plans on a CPU
+            compiled = torch.compile(unet, fullgraph=True, backend="eager")
+            with pytest.raises(Exception, match=r"plan='measured' \(the default\) needs a per-layer plan .* inside "
+                                                r"torch.compile: call handle.prepare\(sample, encoder_hidden_states, "
+                                                r"num_steps\) .*mode='graphed'.*or patch with plan='all'"):
+                two_steps(compiled, handle)
+            plan = handle.prepare(x, context, num_steps=2, mode="graphed")
+            assert {p.mode for p in plan} == {"graphed"} and any(p.reuse for p in plan)
+            assert torch.allclose(two_steps(compiled, handle), two_steps(unet, handle), atol=1e-5)
+    finally:
+        torch._dynamo.reset()

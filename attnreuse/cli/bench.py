@@ -1,16 +1,20 @@
 """``python -m attnreuse bench``: a schedule on your checkpoint and device.
 
 Per UNet call: a computing step (the unpatched UNet), a capturing step (computes and stores the maps) and a
-reusing step, replayed as CUDA graphs on a GPU (``handle.generation`` / ``gen.hold``, as ``bench/e2e.py``
-does). Per generation of one calibration batch: the full sampler, the schedule, and the full sampler with
-as many steps as fit in the schedule's time. PSNR of each against the full sampler on the whole
-calibration set. Writes OUT/report.md, OUT/report.json and OUT/grid.png; ``--update-measured`` records
-ρ = reuse (fp8 maps) / computing step in ``attnreuse/measured.json``'s form.
+reusing step with every layer reusing, replayed as CUDA graphs on a GPU (``handle.generation`` / ``gen.hold``,
+as ``bench/e2e.py`` does). The default plan (``plan="measured"``): every layer's decision and its per-call
+costs, and the reuse step's ρ = reusing / computing call predicted from them and measured, eager and under
+CUDA graphs side by side (graphed on a GPU only). Per generation of one calibration batch (the default
+plan): the full sampler, the schedule, and the full sampler with as many steps as fit in the schedule's time.
+PSNR of each against the full sampler on the whole calibration set. Writes OUT/report.md, OUT/report.json
+and OUT/grid.png; ``--update-measured`` records ρ = reuse (fp8 maps, every layer) / computing step in
+``attnreuse/measured.json``'s form.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -21,9 +25,14 @@ import torch
 
 import attnreuse
 from attnreuse import measured
-from attnreuse.timing import capture_and_reuse, graphed, median_ms
+from attnreuse.config import as_cache_dtype, resolve_format
+from attnreuse.costs import MODES, entry_key, measure_costs
+from attnreuse.kernels import storage_nbytes
 from attnreuse.phast import psnr
-from attnreuse.schedule import as_schedule, to_string
+from attnreuse.planner import LayerPlan, layer_shapes
+from attnreuse.schedule import actions, as_schedule, step_counts, to_string
+from attnreuse.steps import capture_and_reuse, predicted_rho, step_times
+from attnreuse.timing import graphed, median_ms, wall_ms
 
 from . import files
 from .figures import image_grid
@@ -127,22 +136,34 @@ class FirstCall:
 
     def __init__(self, unet):
         self.args = self.kwargs = None
+        self.params = list(inspect.signature(type(unet).forward).parameters)[1:]
         self._hook = unet.register_forward_pre_hook(self._grab, with_kwargs=True)
 
     def _grab(self, module, args, kwargs):
         if self.args is None:
             self.args, self.kwargs = _clone(args), _clone(kwargs)
 
+    def argument(self, name: str):
+        if name in self.kwargs:
+            return self.kwargs[name]
+        i = self.params.index(name)
+        return self.args[i] if i < len(self.args) else None
+
+    def sample_and_context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sample, encoder_hidden_states)`` of the call: what a plan is made for."""
+        return self.argument(self.params[0]), self.argument("encoder_hidden_states")
+
     def remove(self):
         self._hook.remove()
 
 
 class StepTimer:
-    """Milliseconds of one UNet call as the UNet is now patched; CUDA-graph replay where capture works."""
+    """Milliseconds of one UNet call as the UNet is now patched; CUDA-graph replay where capture works (``graphs``:
+    on a GPU unless False), else eager: wall time, device synchronised around the call."""
 
-    def __init__(self, model: Model, inputs: FirstCall, reps: int):
+    def __init__(self, model: Model, inputs: FirstCall, reps: int, graphs: bool | None = None):
         self.unet, self.inputs, self.reps, self.device = model.unet, inputs, reps, model.device
-        self.graphs = self.device.type == "cuda"
+        self.graphs = self.device.type == "cuda" and graphs is not False
         self.note = None
 
     @torch.no_grad()
@@ -157,13 +178,70 @@ class StepTimer:
             except RuntimeError as e:  # e.g. inputs on the host: the rest is timed eagerly
                 self.graphs = False
                 self.note = f"CUDA-graph capture failed ({str(e).splitlines()[0][:200]}): eager step timings"
-        return median_ms(self.call, self.device, self.reps)
+        return wall_ms(self.call, self.device, calls=1, reps=self.reps)
 
     def steps(self, cache_dtype) -> dict:
         """A computing (unpatched), capturing and reusing step with ``cache_dtype`` maps."""
         compute = self.ms()
         capture, reuse, nbytes = capture_and_reuse(self.unet, self.ms, cache_dtype)
         return {"compute": compute, "capture": capture, "reuse": reuse, "rho": reuse / compute, "cache_bytes": nbytes}
+
+
+def _unplanned(model: Model, inputs: FirstCall, schedule, cache_dtype) -> list[LayerPlan]:
+    """The default plan off a GPU, where there is no cost table: every layer reuses. Its costs, for the
+    prediction only, are timed here (eager, kept nowhere)."""
+    unet, device = model.unet, model.device
+    sample, context = inputs.sample_and_context()
+    names = [n for n, m in unet.named_modules() if type(m).__name__ == "Attention"]
+    shapes = layer_shapes(unet, names, tuple(sample.shape), context.shape[1])
+    fmt = resolve_format(as_cache_dtype(cache_dtype), sample.dtype)
+    table = measure_costs(shapes.values(), [fmt], device, sample.dtype, modes=("eager",), persist=False)
+    counts = step_counts(actions(schedule))
+    plan = []
+    for name, shape in shapes.items():
+        cost = table[entry_key(shape, fmt, sample.dtype, "auto", "eager")]
+        saving = counts.reuse * (cost.compute - cost.reuse) - counts.capture * (cost.capture - cost.compute)
+        plan.append(LayerPlan(name, True, fmt, storage_nbytes(shape.batch, shape.heads, shape.q_tokens,
+                                                              shape.kv_tokens, fmt), saving,
+                              f"no cost table on {device.type}: every selected layer reuses", cost=cost,
+                              considered=fmt, n_reuse=counts.reuse, n_capture=counts.capture, mode="eager"))
+    return plan
+
+
+def _layer_row(p: LayerPlan) -> dict:
+    c = p.cost
+    return {"name": p.name, "reuse": p.reuse, "format": p.format.name if p.format is not None else None,
+            "compute_ms": c.compute if c else None, "capture_ms": c.capture if c else None,
+            "reuse_ms": c.reuse if c else None, "saving_ms": p.net_ms, "reason": p.reason}
+
+
+def plan_report(model: Model, inputs: FirstCall, schedule, cache_dtype, reps: int) -> dict:
+    """The default plan per mode (eager; graphed on a GPU): every layer's decision, the computing, capturing and
+    reusing call, and ρ = reusing / computing call predicted by the plan's costs and measured."""
+    counts = step_counts(actions(schedule))
+    out = {"reuse_steps": counts.reuse, "capture_steps": counts.capture}
+    for mode in MODES:
+        if mode == "graphed" and model.device.type != "cuda":
+            out[mode] = {"available": False, "note": f"CUDA graphs need a CUDA GPU: not available on "
+                                                     f"{model.device.type}"}
+            continue
+        timer = StepTimer(model, inputs, reps, graphs=mode == "graphed")
+        compute = timer.ms()
+        if mode == "graphed" and not timer.graphs:
+            out[mode] = {"available": False, "note": timer.note}
+            continue
+        r = step_times(model.unet, timer.ms, schedule, inputs=inputs.sample_and_context(), mode=mode,
+                       cache_dtype=cache_dtype)
+        plan, note = r["plan"], None
+        if plan is None:
+            plan = _unplanned(model, inputs, schedule, cache_dtype)
+            note = (f"{model.device.type}: no cost table, so the default plan reuses every layer; the prediction "
+                    "uses layer costs bench timed here (eager)")
+        out[mode] = {"available": True, "note": note, "compute_ms": compute, "capture_ms": r["capture"],
+                     "reuse_ms": r["reuse"], "cache_bytes": r["cache_bytes"],
+                     "reusing_layers": sum(p.reuse for p in plan), "layers": [_layer_row(p) for p in plan],
+                     "predicted_rho": predicted_rho(plan, compute), "measured_rho": r["reuse"] / compute}
+    return out
 
 
 def sample_all(model: Model, batches, steps: int) -> torch.Tensor:
@@ -192,6 +270,7 @@ def run(args, found: dict, calibration, model: Model, out: Path) -> dict:
 
     timer = StepTimer(model, inputs, reps)
     steps = timer.steps(args.cache_dtype)
+    default_plan = plan_report(model, inputs, schedule, args.cache_dtype, reps)
     fp8 = steps if args.cache_dtype == "fp8" else None
     if args.update_measured is not None and fp8 is None:
         fp8 = timer.steps("fp8")
@@ -204,7 +283,7 @@ def run(args, found: dict, calibration, model: Model, out: Path) -> dict:
         **model.describe(), "scheduler": args.scheduler, "cache_dtype": args.cache_dtype,
         "schedule": to_string(schedule), "steps": n, "reuse": r, "batch": len(first),
         "calibration_images": len(reference), "reps": reps,
-        "step_ms": steps,
+        "step_ms": steps, "default_plan": default_plan,
         "generation_ms": {"full": full_ms, "schedule": patched_ms, "fewer_steps": fewer_ms},
         "fewer_steps": fewer,
         "psnr_db": {k: v.mean().item() for k, v in per_image.items()},
@@ -240,10 +319,11 @@ def markdown(report: dict) -> str:
         f"{report['resolution'][0]}x{report['resolution'][1]}, {report['dtype']}, maps "
         f"{report['cache_dtype'] or 'in the model dtype'}; attnreuse {report['version']}, torch {report['torch']}, "
         f"diffusers {report['diffusers']}, {report['date']}.", "",
-        f"One UNet call ({report['step_timing']}, median of {report['reps']}):", "",
+        f"One UNet call, every layer reusing ({report['step_timing']}, median of {report['reps']}):", "",
         "| step | ms |", "|---|---|",
         f"| computing | {s['compute']:.2f} |", f"| capturing (computes and stores the maps) | {s['capture']:.2f} |",
         f"| reusing | {s['reuse']:.2f} |", f"| ρ = reusing / computing | {s['rho']:.3f} |", "",
+        *plan_markdown(report["default_plan"]),
         f"Whole generation of {report['batch']} image(s) (median of {report['reps']}); PSNR against the full "
         f"sampler on {report['calibration_images']} calibration image(s):", "",
         "| run | steps | ms | speed-up | PSNR dB |", "|---|---|---|---|---|",
@@ -256,6 +336,39 @@ def markdown(report: dict) -> str:
     if report["notes"]:
         lines += [""] + [f"Note: {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def plan_markdown(plan: dict) -> list[str]:
+    """The default plan's section of report.md: ρ predicted and measured, then every layer, per mode."""
+    modes = [m for m in MODES if m in plan]
+    cell = {m: plan[m] for m in modes}
+
+    def row(label, fn):
+        return f"| {label} | " + " | ".join(fn(c) if c["available"] else "n/a" for c in cell.values()) + " |"
+    lines = [f"The default plan (plan=\"measured\"): a layer reuses where its {plan['reuse_steps']} reuse step(s) "
+             f"save more than its {plan['capture_steps']} capture(s) add; one UNet call of its reuse step:", "",
+             "| | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes),
+             row("layers reusing", lambda c: f"{c['reusing_layers']} of {len(c['layers'])}"),
+             row("computing call ms", lambda c: f"{c['compute_ms']:.2f}"),
+             row("capturing call ms", lambda c: f"{c['capture_ms']:.2f}"),
+             row("reusing call ms", lambda c: f"{c['reuse_ms']:.2f}"),
+             row("predicted ρ", lambda c: f"{c['predicted_rho']:.3f}"),
+             row("measured ρ", lambda c: f"{c['measured_rho']:.3f}"), ""]
+    lines += [f"Note ({m}): {c['note']}" for m, c in cell.items() if c.get("note")]
+    shown = [c for c in cell.values() if c["available"]]
+    if shown:
+        lines += ["", "Per layer, per call: compute / capture / reuse ms, and the saving per generation:", "",
+                  "| layer | " + " | ".join(m for m, c in cell.items() if c["available"]) + " |",
+                  "|---|" + "---|" * len(shown)]
+        for i, layer in enumerate(shown[0]["layers"]):
+            cells = []
+            for c in shown:
+                x = c["layers"][i]
+                what = f"reuse {x['format']}" if x["reuse"] else "computes"
+                cells.append(f"{what}: {x['compute_ms']:.3f} / {x['capture_ms']:.3f} / {x['reuse_ms']:.3f}, "
+                             f"{x['saving_ms']:+.3f} ms")
+            lines.append(f"| {layer['name']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def measured_entry(report: dict, fp8: dict, model: Model, card: str) -> dict:
