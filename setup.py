@@ -10,7 +10,9 @@ setup(
     package_data={"attnreuse": ["measured.json"],
                   "attnreuse.embedded": ["digits.safetensors", "digits.json", "phast.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "diffusers>=0.30", "numpy", "safetensors", "pillow>=10.1"],
+    # Tested from torch 2.11 with Triton 3.6 (what torch 2.11 brings) to torch 2.13 with Triton 3.9: CI compiles every
+    # kernel launch of SD1.5, SD2.1 and SDXL UNets with Triton 3.6 and the newest (tests/test_compiled_launches.py)
+    install_requires=["torch>=2.11", "triton>=3.6", "diffusers>=0.30", "numpy", "safetensors", "pillow>=10.1"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "scikit-learn", "scikit-image", "matplotlib", "peft", "DeepCache"],
         "bench": ["pytest-benchmark>=4", "scikit-image", "matplotlib"],

@@ -4,8 +4,9 @@ UNets built from the public SD1.5 / SD2.1 / SDXL configs with random fp16 weight
 UNet call, eager and CUDA-graph replay: default diffusers attention (SDPA), attention removed (the
 ceiling of any reuse method), materialised attention (``AttnProcessor``, the paper's setting), an
 attnreuse reuse step and capture step with fp16, fp8 and 4-bit maps, every layer reusing (``plan="all"``: what
-the kernels give; ``python -m attnreuse bench`` shows the default plan's). Then 20-step DDIM loops (graph replay
-per step): full, HURRY-10 (``plan="all"``), and step reduction to the same latency. With the ``DeepCache``
+the kernels give). Then 20-step DDIM loops (graph replay per step): full, HURRY-10 (``plan="all"``), and step
+reduction to the same latency; and the default plan (``plan="measured"``, fp8 maps, HURRY-10): per mode (eager,
+graphed) its reusing layers, capturing and reusing calls, ρ predicted and measured, and its loop. With the ``DeepCache``
 package: a DeepCache cached step (deep blocks from the last full step; interval 3, branch 0) alone, capturing
 and reusing fp8 maps, and 20-step estimates from the per-call times: DeepCache alone, and with HURRY-10 /
 PHAST-10 map reuse (on SD1.5 the costly 64² self-attention is in the shallow blocks DeepCache still computes,
@@ -30,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: python bench/e2e.py
 
 import attnreuse
 from attnreuse.architectures import CONFIGS as PUBLIC_CONFIGS, TEXT_TOKENS
-from attnreuse.steps import capture_and_reuse
+from attnreuse.steps import capture_and_reuse, predicted_rho, step_times
 from attnreuse.timing import graphed, median_ms
 from bench.measure import DEEPCACHE_INTERVAL, PHAST_SD15, copy_bandwidth, deepcache  # noqa: E402
 
@@ -116,16 +117,37 @@ class Bench:
         capture, reuse, nbytes = capture_and_reuse(self.unet, self.time_call, cache_dtype)
         return reuse, capture, nbytes
 
+    def default_plan(self, cache_dtype: str, steps: int) -> dict:
+        """The default plan (``plan="measured"``: this GPU's costs) for HURRY-``steps // 2``, per mode: the layers
+        that reuse, the capturing and reusing calls, ρ predicted by the plan and measured, and the DDIM loop."""
+        schedule = attnreuse.hurry(steps, steps // 2)
+        inputs = (self.x, self.kwargs["encoder_hidden_states"])
+        out = {}
+        for mode, key in [("eager", "eager")] + [("graphed", "graph")] * self.graphs:
+            timed = step_times(self.unet, lambda: self.time_call()[key], schedule, inputs=inputs, mode=mode,
+                               cache_dtype=cache_dtype)
+            default = self.time_call()[key]
+            plan = timed["plan"] or []
+            out[mode] = {"layers_reusing": sum(p.reuse for p in plan), "layers": len(plan),
+                         "capture": timed["capture"], "reuse": timed["reuse"], "default": default,
+                         "rho_measured": timed["reuse"] / default,
+                         "rho_predicted": predicted_rho(plan, default) if plan else None}
+        out["loop"] = self.loop_ms(schedule, cache_dtype, steps, plan="measured")
+        return out
+
     @torch.no_grad()
-    def loop_ms(self, schedule, cache_dtype: str, steps: int) -> float:
+    def loop_ms(self, schedule, cache_dtype: str, steps: int, plan: str = "all") -> float:
         """A DDIM loop of ``len(schedule)`` steps (or ``steps`` without a schedule), one replayed CUDA graph
-        per step kind (eager UNet calls on the CPU)."""
+        per step kind (eager UNet calls on the CPU). ``plan="all"``: every layer reuses, what the kernels give;
+        ``"measured"``: the default plan (in graph mode, made with graphed costs)."""
         sched = DDIMScheduler(num_train_timesteps=1000)
         sched.set_timesteps(steps, device=self.device)
         latents = self.x.clone()
-        # plan="all": every layer reuses, what the kernels give (python -m attnreuse bench shows the default plan)
-        handle = (attnreuse.patch(self.unet, schedule, cache_dtype=cache_dtype, plan="all") if schedule is not None
+        handle = (attnreuse.patch(self.unet, schedule, cache_dtype=cache_dtype, plan=plan) if schedule is not None
                   else None)
+        if handle is not None and plan == "measured":
+            handle.prepare(self.x, self.kwargs["encoder_hidden_states"], len(schedule),
+                           mode="graphed" if self.graphs else "eager")
         gen = handle.generation(len(schedule)) if handle is not None else None
         acts = attnreuse.schedule.actions(schedule or (1,) * steps)
         runners = {}  # one per kind of step, each returning the UNet's output
@@ -178,6 +200,7 @@ def run_case(arch, px, args, device, dtype, bw) -> dict:
     per_step = r["loop_full"] / n
     r["fewer_steps"] = max(1, math.floor(r["loop_hurry_fp8"] / per_step))  # same latency as HURRY
     r["loop_fewer"] = b.loop_ms(None, "fp8", r["fewer_steps"])
+    r["default_plan_fp8"] = b.default_plan("fp8", n)
     # the card's limits (see the module docstring of bench/kernel_table.py for t_lim)
     t_def, t_none = r["default"][mode], r["none"][mode]
     limit_reuse = t_none + r["cache_bytes_fp8"] / bw * 1e3

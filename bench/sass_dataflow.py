@@ -69,6 +69,7 @@ class _Op:
     target: str | None = None
     conditional: bool = False  # a branch or exit that may fall through
     descriptors: list[str] = field(default_factory=list)  # the reads that are wgmma descriptors
+    line: int | None = None  # the kernel source line it was compiled from (nvdisasm -g, PTX .loc)
 
 
 # ---- the analysis, shared by SASS and PTX -------------------------------------------------------------------
@@ -173,6 +174,8 @@ _SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@(!?U?P[0-6T])\s+)?([A-Z][A
 _SASS_LABEL = re.compile(r"^\s*([.$\w]+):")
 _SASS_FUNCTION = re.compile(r"^\s*(?:\.section\s+\.text\.|Function\s*:)", re.M)  # nvdisasm, cuobjdump
 _TARGET = re.compile(r"`\(([^)]+)\)|^(0x[0-9a-f]+)\b")
+_SASS_LINE = re.compile(r'//## File "[^"]*", line (\d+)')
+_PTX_LOC = re.compile(r"^\s*\.loc\s+\d+\s+(\d+)")
 _REG = re.compile(r"(?<![\w.])(UR\d+|R\d+|UP\d|P\d|URZ|RZ|UPT|PT)(\.64)?(?!\w)")
 _SASS_CONSTANT = {"RZ", "URZ", "PT", "UPT"}
 _WIDTH = {"64": 2, "128": 4}
@@ -324,7 +327,11 @@ def _mma(parts: list[str], operands: list[str]) -> tuple[list[str], list[str]]:
 def _sass_ops(function: str) -> tuple[list[_Op], dict[str, int]]:
     ops: list[_Op] = []
     labels: dict[str, int] = {}
+    source = None
     for line in function.splitlines():
+        if m := _SASS_LINE.search(line):
+            source = int(m.group(1))
+            continue
         if m := _SASS_LABEL.match(line):
             labels[m.group(1)] = len(ops)
         if not (m := _SASS_INSTR.search(line)):
@@ -336,7 +343,7 @@ def _sass_ops(function: str) -> tuple[list[_Op], dict[str, int]]:
         operands = [o.strip() for o in args.split(",")] if args else []
         reads, writes = _operands(opcode, operands)
         op = _Op(addr, opcode, " ".join(m.group(0).split("*/", 1)[1].split()), guard,
-                 reads + ([guard.lstrip("!")] if guard else []), writes)
+                 reads + ([guard.lstrip("!")] if guard else []), writes, line=source)
         if d := re.search(r"gdesc\[(UR\d+)\]", args):
             op.descriptors = [r for r in reads if r in _expand(d.group(1), 4)]
         base = opcode.split(".")[0]
@@ -374,18 +381,38 @@ def _kind(ops: list[_Op], labels: dict[str, int], i: int, reg: str) -> str:
     return ""
 
 
-def uninitialised_reads(sass: str) -> list[Finding]:
+def uninitialised_reads(sass: str, ptx: str | None = None) -> list[Finding]:
     """Every read of a register that is not written on every path from the kernel's entry to it, in SASS as
-    ``nvdisasm -g -c`` (or ``cuobjdump -sass``) prints it; each function on its own."""
+    ``nvdisasm -g -c`` (or ``cuobjdump -sass``) prints it; each function on its own.
+
+    With the kernel's ``ptx`` (and SASS line info), a byte permute (PRMT) of no dangerous kind, compiled from a
+    source line where the PTX permutes or packs an LLVM ``undef``, has kind ``"undef"`` too: the don't-care lane of
+    a byte vector that LLVM fills later (``prmt ... %undef, 0x3340`` then ``prmt ..., 0x5210`` replaces it), to
+    which ptxas gave a register that is written elsewhere."""
+    undef_lines = _ptx_undef_lines(ptx) if ptx else set()
     findings = []
     for function in _SASS_FUNCTION.split(sass):
         ops, labels = _sass_ops(function)
         for i, reg in _undefined_reads(ops, labels, lambda r: r in _SASS_CONSTANT):
+            op = ops[i]
             kind = _kind(ops, labels, i, reg)
-            if not kind and not any(reg in op.writes for j, op in enumerate(ops) if j != i):
+            if not kind and not any(reg in other.writes for j, other in enumerate(ops) if j != i):
                 kind = "undef"  # no other instruction writes it: a PTX undef (a don't-care value) kept as is
-            findings.append(Finding(ops[i].addr, ops[i].opcode, reg, ops[i].text, kind))
+            if not kind and op.opcode.split(".")[0] in ("PRMT", "UPRMT") and op.line in undef_lines:
+                kind = "undef"
+            findings.append(Finding(op.addr, op.opcode, reg, op.text, kind))
     return findings
+
+
+def _ptx_undef_lines(ptx: str) -> set[int]:
+    """Source lines (``.loc``) of PTX permutes and packs that read an LLVM undef."""
+    loc, source = {}, None
+    for lineno, text in enumerate(ptx.splitlines(), 1):
+        if m := _PTX_LOC.match(text):
+            source = int(m.group(1))
+        loc[lineno] = source
+    return {loc[f.addr] for f in ptx_undefined_reads(ptx)
+            if f.kind == "undef" and f.opcode.split(".")[0] in ("prmt", "mov", "cvt")}
 
 
 # ---- PTX ------------------------------------------------------------------------------------------------------

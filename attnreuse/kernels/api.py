@@ -79,9 +79,9 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
     if mask is None and _use_triton(backend, (q, k, v), heads, fmt):
         if torch.compiler.is_compiling():
             out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
-        else:
-            out, data, block_max, row_lse = _ops().capture(q, k, v, heads, scale, fmt)
-        return out, CachedMap(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
+            return out, CachedMap(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
+        out, data, block_max, row_lse = _ops().capture(q, k, v, heads, scale, fmt)
+        return out, CachedMap.laid_out(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
     return capture_reference(q, k, v, heads, scale, fmt, mask)
 
 

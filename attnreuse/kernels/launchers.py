@@ -87,11 +87,13 @@ def capture_buffers(q, k, v, heads: int, fmt):
 
 
 def _constexprs(config: Config, fmt: formats.MapFormat, d: int, nq: int, nk: int, dtypes: tuple, arch: int) -> dict:
-    """The constexprs and launch options of a launch."""
+    """The constexprs and launch options of a launch; ``dtypes``: the activations'."""
     block_ds = split_block_d(d) if config.split_d else (block_d(d), 0)
     return dict(HEAD_DIM=d, MAP_FORMAT=fmt.kernel, FRAGMENT=fmt.in_fragment_order(nk),
                 FP8_CVT=arch >= 89,  # hardware e4m3/e5m2 conversions
-                DOT_DTYPE=tl.bfloat16 if torch.bfloat16 in dtypes else tl.float16,  # bf16 with bf16 values or map
+                # the activations' dtype: a map is decoded into it, so V never needs converting (ptxas 12.8 builds the
+                # descriptors of a split dot whose operand is converted in the loop from registers nothing wrote)
+                DOT_DTYPE=tl.bfloat16 if torch.bfloat16 in dtypes else tl.float16,
                 EVEN_M=nq % config.block_m == 0, EVEN_N=nk % KEY_BLOCK == 0,
                 BLOCK_I=KEY_BLOCK // fmt.keys_per_item,  # stored items per row and key block
                 BLOCK_D=block_ds[0], BLOCK_D2=block_ds[1], **config.launch_args())
@@ -186,7 +188,7 @@ def _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config) -> _La
     nk, d = v.shape[1], v.shape[2] // heads
     arch = target_arch()
     config = config or cached_pv_config(d, nq, nk, fmt, arch)
-    meta = _constexprs(config, fmt, d, nq, nk, (v.dtype, fmt.dtype), arch)
+    meta = _constexprs(config, fmt, d, nq, nk, (v.dtype,), arch)
     meta.update(INV_TOP=1.0 / fmt.top, ASM=not INTERPRET)
     a, o = data.element_size(), out.element_size()
     values = [None] * 5 + [
@@ -194,7 +196,7 @@ def _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config) -> _La
         block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
         _units(v.stride(0), v.element_size()), _units(v.stride(1), v.element_size()),
         _units(out.stride(0), o), _units(out.stride(1), o), h, nq, nk, items]
-    variant = selfcheck.Variant.of("cached_pv", fmt, meta, (v.dtype,), values)
+    variant = selfcheck.Variant.of("cached_pv", fmt, meta, (v.dtype,), _specialised(tk.cached_pv_kernel, values))
     return _Launch.make(tk.cached_pv_kernel, (triton.cdiv(nq, meta["BLOCK_M"]), b * h), values, meta, variant)
 
 
@@ -228,8 +230,14 @@ def _make_capture(out, data, block_max, row_lse, q, k, v, heads, scale, fmt, con
         _units(data.stride(0), a), _units(data.stride(1), a), _units(data.stride(2), a),
         block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
         scale * math.log2(math.e), heads, nq, nk, data.shape[-1]]
-    variant = selfcheck.Variant.of("capture", fmt, meta, (q.dtype, k.dtype, v.dtype), values)
+    variant = selfcheck.Variant.of("capture", fmt, meta, (q.dtype, k.dtype, v.dtype),
+                                   _specialised(tk.capture_kernel, values))
     return _Launch.make(tk.capture_kernel, (triton.cdiv(nq, meta["BLOCK_M"]), b * heads), values, meta, variant)
+
+
+def _specialised(fn, values: list) -> list[int]:
+    """The integer arguments Triton specialises (a compiled variant differs in them)."""
+    return [v for name, v in zip(fn.arg_names, values) if type(v) is int and name not in tk.ROW_ARGS]
 
 
 def _cached_pv_reference(out, data, block_max, row_lse, v, heads, fmt) -> None:

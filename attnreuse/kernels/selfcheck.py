@@ -48,8 +48,8 @@ class Variant:
     ints: str  # Triton's specialisation of the integer arguments: 1 (the value 1), D (divisible by 16), . (neither)
 
     @classmethod
-    def of(cls, kernel: str, fmt: formats.MapFormat, meta: dict, dtypes: tuple, values: list) -> "Variant":
-        ints = "".join("1" if v == 1 else "D" if v % 16 == 0 else "." for v in values if type(v) is int)
+    def of(cls, kernel: str, fmt: formats.MapFormat, meta: dict, dtypes: tuple, ints: list[int]) -> "Variant":
+        ints = "".join("1" if v == 1 else "D" if v % 16 == 0 else "." for v in ints)
         return cls(kernel, fmt.name, meta["HEAD_DIM"], (meta["BLOCK_M"], meta["BLOCK_D"], meta["BLOCK_D2"],
                    meta["BLOCK_N"]), meta["num_warps"], meta["num_stages"], tuple(f for f in _FLAGS if meta.get(f)),
                    tuple(str(d).replace("torch.", "") for d in dtypes) + (str(meta["DOT_DTYPE"]),), ints)

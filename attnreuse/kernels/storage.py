@@ -74,6 +74,16 @@ class CachedMap:
                 raise ValueError(f"{name} must be a contiguous {sd} tensor of shape {shape} on {self.data.device}, "
                                  f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
+    @classmethod
+    def laid_out(cls, data, block_max, row_lse, kv_tokens: int, fmt: MapFormat) -> "CachedMap":
+        """A map the kernels just wrote into buffers laid out for it: right by construction, so not checked again
+        (a capture's host time counts in an eager UNet)."""
+        cmap = object.__new__(cls)
+        for name, value in (("data", data), ("block_max", block_max), ("row_lse", row_lse), ("kv_tokens", kv_tokens),
+                            ("format", fmt)):
+            object.__setattr__(cmap, name, value)
+        return cmap
+
     @property
     def shape(self) -> torch.Size:
         """The map's shape ``[B, H, Nq, Nk]``."""

@@ -156,7 +156,14 @@ def _program(H, NQ, BLOCK_M: tl.constexpr, EVEN_M: tl.constexpr):
     return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), offs_m, (offs_m < NQ) | EVEN_M
 
 
-@triton.jit
+# Strides reach the kernels in 16-byte units and whole tiles are constexprs (EVEN_*), so Triton's specialisation of
+# these integers (equal to 1, divisible by 16) would only multiply the compiled variants (a model's layers differ in
+# them), never change a load's width. The block-maximum and row statistics keep theirs (their loads' alignment).
+ROW_ARGS = ["sa_b", "sa_h", "sa_m", "sq_b", "sq_m", "sk_b", "sk_n", "sv_b", "sv_n", "so_b", "so_m", "H", "NK",
+             "ROW_ITEMS"]
+
+
+@triton.jit(do_not_specialize=ROW_ARGS[:3] + ROW_ARGS[7:])
 def cached_pv_kernel(
     A, BMAX, LSE, V, O,
     sa_b, sa_h, sa_m,  # map data [B, H, Nq, items], in 16-byte units
@@ -216,7 +223,7 @@ def cached_pv_kernel(
                  mask=mask_m[:, None] & (d2 < HEAD_DIM)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=ROW_ARGS)
 def capture_kernel(
     Q, K, V, O, A, BMAX, LSE,
     sq_b, sq_m,  # Q [B, Nq, H·D], in 16-byte units

@@ -4,8 +4,9 @@ Autotuning 16-24 configs per head dim and map dtype made the first patched SD1.5
 (minutes). The rule below gives each attention shape one config, so SD1.5 compiles a handful of kernels per
 map format; Triton's cache keeps them between processes. Pipeline depth follows the format (smaller tiles
 afford more stages: ``MapFormat.stages``) within the architecture's shared memory per block (sm_89 has 99 KB,
-sm_90 227 KB). ``bench/sass_report.py`` checks every config the rule gives for SD1.5, SD2.1 and SDXL against
-instruction, spill and load-width budgets; ``VARIANTS`` are the alternatives a GPU sweep times against it.
+sm_90 227 KB). ``bench/launches.py`` compiles every launch the rule gives SD1.5, SD2.1 and SDXL UNets, for
+sm_90a, sm_89 and sm_80 under Triton 3.6 and the newest, and reads spills, load widths and uninitialised
+registers from the SASS; ``VARIANTS`` are the alternatives a GPU sweep times against it.
 """
 from __future__ import annotations
 
@@ -46,10 +47,11 @@ def split_block_d(head_dim: int) -> tuple[int, int]:
 
 
 def _stages(wanted: int, stage_bytes: int, arch: int, kv_tokens: int) -> int:
-    """At most ``wanted`` pipeline stages, as many as the architecture's shared memory holds (at least 1); one
-    for rows of a single key block (cross-attention's 77 keys), where there is nothing to overlap."""
+    """At most ``wanted`` pipeline stages, as many as the architecture's shared memory holds (at least 1); two
+    for rows of a single key block (cross-attention's 77 keys): nothing to overlap, but a split head dim needs a
+    pipelined loop (:func:`_split_if_pipelined`)."""
     if kv_tokens <= KEY_BLOCK:
-        return 1
+        wanted = 2
     room = SHARED_PER_BLOCK.get(arch, SHARED_PER_BLOCK[80]) - 8192  # leave room for layout conversions
     return max(1, min(wanted, room // stage_bytes))
 
@@ -59,27 +61,48 @@ def cached_pv_config(head_dim: int, q_tokens: int, kv_tokens: int, fmt: MapForma
     per 128 rows. On Hopper at head dims up to 64, one warpgroup (4 warps) takes all 128 rows of fp16 and 4-bit
     maps, so each warp decodes 32 rows per key block and the loop's fixed work is spread over twice the map
     bytes; fp8 tiles decode into more registers (they spill at 4 warps on ragged row counts) and take 8, as do
-    head dims of 80 and every tile on sm_89/sm_80 (mma.sync holds V fragments in registers too). Pipeline
-    depth: 3 stages for fp16 tiles, one more for compressed formats' smaller tiles, within shared memory.
-    Head dims that are no power of two run as two dots (``split_d``)."""
+    head dims of 80, rows that end in a partial key block (their masks spill at 4 warps with Triton 3.6's ptxas)
+    and every tile on sm_89/sm_80 (mma.sync holds V fragments in registers too); 64 rows where 128 leave room
+    for one stage only (fp16 maps on sm_89). Pipeline depth: 3 stages for fp16 tiles, one more for compressed
+    formats' smaller tiles, within shared memory. Head dims that are no power of two run as two dots (``split_d``)
+    in pipelined loops."""
     if INTERPRET:
         return Config(16, 1, 1, split_d=True)
     block_m = 128 if q_tokens > 64 else 64
-    warps = 4 if arch >= 90 and block_d(head_dim) <= 64 and fmt.bits != 8 else 8
-    stage = block_m * KEY_BLOCK * fmt.bits // 8 + KEY_BLOCK * sum(split_block_d(head_dim)) * 2
-    return Config(block_m, warps, _stages(3 + fmt.stages, stage, arch, kv_tokens), split_d=True)
+    whole = kv_tokens % KEY_BLOCK == 0
+    warps = 4 if arch >= 90 and block_d(head_dim) <= 64 and fmt.bits != 8 and whole else 8
+
+    def stages(rows: int) -> int:
+        tile = rows * KEY_BLOCK * fmt.bits // 8 + KEY_BLOCK * sum(split_block_d(head_dim)) * 2
+        return _stages(3 + fmt.stages, tile, arch, kv_tokens)
+
+    if stages(block_m) < 2:
+        block_m = 64
+    return _split_if_pipelined(Config(block_m, warps, stages(block_m)))
 
 
 def capture_config(head_dim: int, q_tokens: int, kv_tokens: int, fmt: MapFormat, arch: int = 90) -> Config:
-    """Capture: flash-attention tiles of 128 keys; 128 queries over 8 warps for head dims up to 64 and more than
-    1024 queries, else 64 queries over one warpgroup (4 warps: half the per-row work of 8 warps on 64 rows, and
-    no spills on sm_89 at head dim 80); two stages where shared memory holds them; head dims that are no power
-    of two as two dots."""
+    """Capture: flash-attention tiles of 128 keys; 128 queries over 8 warps for head dims up to 64, more than
+    1024 queries and whole key blocks, else 64 queries over one warpgroup (4 warps: half the per-row work of 8
+    warps on 64 rows), or over 8 warps where rows end in a partial key block (the masked encode spills at 4 warps
+    with Triton 3.6's ptxas); two stages where shared memory holds them; head dims that are no power of two as
+    two dots in pipelined loops. bench/launches.py compiles every launch of SD1.5, SD2.1 and SDXL for sm_90a,
+    sm_89 and sm_80: no spills on sm_90a with Triton 3.6 or 3.9, at most 64 bytes on sm_89."""
     if INTERPRET:
         return Config(16, 1, 1, split_d=True)
-    big = q_tokens > 1024 and block_d(head_dim) <= 64
+    whole = kv_tokens % KEY_BLOCK == 0
+    big = q_tokens > 1024 and block_d(head_dim) <= 64 and whole
     stage = 2 * KEY_BLOCK * sum(split_block_d(head_dim)) * 2
-    return Config(128 if big else 64, 8 if big else 4, _stages(2, stage, arch, kv_tokens), split_d=True)
+    warps = 8 if big or not whole else 4
+    return _split_if_pipelined(Config(128 if big else 64, warps, _stages(2, stage, arch, kv_tokens)))
+
+
+def _split_if_pipelined(config: Config) -> Config:
+    """Split head dims (two dots) only in pipelined loops. ptxas 12.8 (Triton 3.6) builds the wgmma descriptors of
+    the second dot of a one-stage loop from registers nothing wrote (wrong output or an illegal address in
+    cross-attention at d = 40 and 80 on Hopper); two stages split, or one stage unsplit, compile clean with every
+    ptxas in the supported range (bench/launches.py scans every launch)."""
+    return replace(config, split_d=config.num_stages > 1)
 
 
 RULES = {"cached_pv": cached_pv_config, "capture": capture_config}
