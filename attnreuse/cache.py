@@ -59,8 +59,8 @@ class MapCache:
 
 
 def _nbytes(entry: CachedMap | torch.Tensor) -> int:
-    """Bytes of an entry, from its shape: ``Tensor.nbytes`` fails on the symbolic shapes of a torch.compile'd
-    UNet that has seen a second resolution."""
+    """Bytes of an entry; under torch.compile from its shape (``Tensor.nbytes`` fails on the symbolic shapes of a
+    UNet compiled for a second resolution)."""
     if isinstance(entry, CachedMap):
-        return storage_nbytes(*entry.shape, entry.format)
+        return storage_nbytes(*entry.shape, entry.format) if torch.compiler.is_compiling() else entry.nbytes
     return entry.numel() * entry.element_size()

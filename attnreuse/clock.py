@@ -51,7 +51,7 @@ class Generation:
         self.guessed = guessed
         self.cache = MapCache(clock.max_cache_bytes)
         self.step_index = 0
-        self.kind: Action | None = self.actions[0]  # None: past the last step, or ended
+        self.kind = self.actions[0]  # None: past the last step, or ended
         self.call = 0  # index of the running UNet call within its step
         self.calls = 0  # UNet calls entered in this step
         self.captured_calls = 0  # UNet calls of the last capture step
@@ -60,6 +60,17 @@ class Generation:
         self.ended = False
         self.policies: dict = {}  # layer name -> LayerPolicy, set by the UNet's pre-hook for this input
         self.outer: Generation | None = None  # a marked generation this one is nested in
+
+    @property
+    def kind(self) -> Action | None:
+        """The current step's kind; None past the last step, or ended. Kept as its name: torch.compile guards a
+        string attribute by value, while its guard on the enum attribute went missing from the UNet's forward when
+        the first patched layer's plan said compute (one compiled graph then replayed for every step kind)."""
+        return None if self.kind_name is None else Action(self.kind_name)
+
+    @kind.setter
+    def kind(self, action: Action | None) -> None:
+        self.kind_name = None if action is None else action.value
 
     # ---- driven by the sampler / the user (outside the UNet's forward) -----------------------------------
 

@@ -99,11 +99,17 @@ def _package_version(name: str) -> str:
         return "none"
 
 
+@functools.lru_cache(maxsize=None)
 def _attnreuse_version() -> str:
+    """The package's version and a hash of its kernels' source: a table measured with other kernels is stale
+    (the version number alone stays the same across commits)."""
     version = _package_version("attnreuse")
     if version == "none":  # run from a source tree without installing: the package's own (imported by now)
         version = getattr(sys.modules.get("attnreuse"), "__version__", "unknown")
-    return version
+    source = hashlib.sha256()
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        source.update(path.read_bytes())
+    return f"{version}+{source.hexdigest()[:12]}"
 
 
 @functools.lru_cache(maxsize=None)

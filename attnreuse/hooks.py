@@ -67,8 +67,8 @@ class UnetCalls:
     def argument(self, name: str, args, kwargs):
         if name in kwargs:
             return kwargs[name]
-        i = self.position[name]
-        return args[i] if i < len(args) else None
+        i = self.position.get(name)  # a class-conditional DiT has no encoder_hidden_states
+        return args[i] if i is not None and i < len(args) else None
 
     def before(self, module, args, kwargs):
         sample = self.argument(self.params[0], args, kwargs)  # sample (UNet) or hidden_states (DiT)
@@ -85,11 +85,11 @@ class UnetCalls:
             elif sample.is_cuda and torch.cuda.is_current_stream_capturing():
                 where = "while a CUDA graph is being captured"
             if where is not None:
-                raise RuntimeError(self.no_plan(tuple(sample.shape), where))
+                raise RuntimeError(self.no_plan(key, where))
             policies = self.plans.make(key)  # eager: a generation's first call plans with eager costs
         gen.policies = policies
 
-    def no_plan(self, shape: tuple[int, ...], where: str) -> str:
+    def no_plan(self, key: PlanKey, where: str) -> str:
         """The error of a call that needs a plan where none can be made (kernels cannot be timed there)."""
         if self.plans.planned:
             what = "max_cache_bytes / cache_dtype='auto' need"
@@ -97,8 +97,10 @@ class UnetCalls:
         else:
             what = "plan='measured' (the default) needs"
             instead = "patch with plan='all' (every selected layer reuses, nothing timed)"
-        return (f"attnreuse: {what} a per-layer plan (kernel timing) for input {shape}, which cannot be made "
-                f"{where}: call handle.prepare(sample, encoder_hidden_states, num_steps) before the compiled UNet "
+        return (f"attnreuse: {what} a per-layer plan (kernel timing) for input {key.sample_shape} with "
+                f"{key.context_tokens} context tokens and {key.steps.reuse} reuse / {key.steps.capture} capture steps "
+                f"(a plan is made per input shape and step count), which cannot be made {where}: call "
+                "handle.prepare(sample, encoder_hidden_states, num_steps) for these before the compiled UNet "
                 "runs or the graph is captured (with mode='graphed' for CUDA graphs and "
                 f"torch.compile(mode='reduce-overhead')), or {instead}")
 

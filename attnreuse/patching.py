@@ -212,6 +212,17 @@ class ReuseHandle:
         on a GPU, ``max_cache_bytes``, ``cache_dtype="auto"``). Where nothing plans (``plan="all"`` without a
         budget or ``"auto"``, no cost table on this device, no reuse step), returns None."""
         check_mode(mode)
+        if not torch.is_tensor(sample) or sample.dim() < 3:
+            raise TypeError(f"prepare(sample, encoder_hidden_states, num_steps): sample must be the UNet's input tensor "
+                            f"(e.g. [batch, channels, height, width]), not {type(sample).__name__} "
+                            f"{tuple(getattr(sample, 'shape', ()))}")
+        if encoder_hidden_states is not None and (not torch.is_tensor(encoder_hidden_states)
+                                                  or encoder_hidden_states.dim() != 3):
+            raise TypeError("prepare(sample, encoder_hidden_states, num_steps): encoder_hidden_states must be "
+                            "[batch, tokens, width] (or None for a model without text), not "
+                            f"{tuple(getattr(encoder_hidden_states, 'shape', ()))}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r}: pass the number of sampling steps, an int >= 1")
         if self.plans is None or not self.plans.planning(sample.device):
             return None
         steps = step_counts(actions(self.config.schedule.resolve(num_steps)))

@@ -41,8 +41,8 @@ class LayerCost:
 class LayerPlan:
     """One layer's decision. ``cost`` (per call) is that of ``format`` when the layer reuses, else of the map
     format that came closest to paying (``considered``); ``n_reuse`` / ``n_capture``: the generation's reuse
-    and capture steps the saving was counted over; ``mode``: the costs' mode (``"eager"``, ``"graphed"``),
-    None where they came from a cost model without modes."""
+    and capture steps the saving was counted over; ``mode``: the mode the plan was made for (``"eager"``,
+    ``"graphed"``; a cost model without modes gives the same costs to both)."""
 
     name: str
     reuse: bool
@@ -128,6 +128,10 @@ def make_plan(shapes: dict[str, LayerShape], cost: CostFn, candidates: Iterable,
 def layer_shapes(unet, names: Iterable[str], sample_shape: tuple[int, ...],
                  context_tokens: int) -> dict[str, LayerShape]:
     """The map shape of each named attention layer of a diffusers UNet for one call's input shape."""
+    if len(sample_shape) != 4:
+        raise TypeError(f"attnreuse: {type(unet).__name__} takes inputs of shape {tuple(sample_shape)}, not [batch, "
+                        "channels, height, width]: its layers cannot be placed for a per-layer plan. Patch with "
+                        "plan='all' (every selected layer reuses) and neither max_cache_bytes nor cache_dtype='auto'")
     batch, _, height, width = sample_shape
     patch = getattr(unet.config, "patch_size", None) if hasattr(unet, "transformer_blocks") else None
     down = [b.downsamplers is not None for b in getattr(unet, "down_blocks", ())]

@@ -26,8 +26,10 @@ class PlanKey(NamedTuple):
     steps: StepCounts
 
     @classmethod
-    def of(cls, sample: torch.Tensor, context: torch.Tensor, steps: StepCounts) -> "PlanKey":
-        return cls(tuple(sample.shape), context.shape[1], sample.dtype, sample.device, steps)
+    def of(cls, sample: torch.Tensor, context: torch.Tensor | None, steps: StepCounts) -> "PlanKey":
+        """``context``: the encoder hidden states, None for a model without text (class-conditional DiT)."""
+        return cls(tuple(sample.shape), 0 if context is None else context.shape[1], sample.dtype, sample.device,
+                   steps)
 
 
 class Plans:
@@ -106,7 +108,7 @@ class Plans:
                          max_bytes=budget, mode=mode)
         if plan and not any(p.reuse for p in plan) and not self.told:
             self.told = True
-            warnings.warn(_nothing_reuses(plan, key, mode, budget), stacklevel=2)
+            warnings.warn(_nothing_reuses(plan, key, mode, budget, self.planned), stacklevel=2)
         return plan, {p.name: LayerPolicy(reuse=p.reuse, map_format=p.format) for p in plan}
 
 
@@ -121,16 +123,19 @@ def _cost_fn(cost: CostModel, device: torch.device, dtype: torch.dtype, backend:
     return cost(device, dtype, backend)
 
 
-def _nothing_reuses(plan: list[LayerPlan], key: PlanKey, mode: str, budget: float) -> str:
+def _nothing_reuses(plan: list[LayerPlan], key: PlanKey, mode: str, budget: float, planned: bool) -> str:
     """Why no layer reuses, said once per patch: the budget, or the best layer's numbers."""
     if any(p.net_ms > 0 for p in plan):
         return (f"attnreuse: no layer is worth reusing within the budget ({budget:.3g} bytes): sampling runs with "
                 "plain attention")
+    graphs = ("Under CUDA graphs or torch.compile(mode='reduce-overhead') plan with handle.prepare(sample, "
+              "encoder_hidden_states, num_steps, mode='graphed'); " if key.device.type == "cuda" and mode == "eager"
+              else "")
+    force = ("without max_cache_bytes and cache_dtype='auto', plan='all' reuses every selected layer regardless"
+             if planned else "plan='all' reuses every selected layer regardless")
     best = max(plan, key=lambda p: p.net_ms)
     fmt = best.considered.name if best.considered is not None else "its map format"
     return (f"attnreuse: no layer is worth reusing on {device_name(key.device)} ({mode} costs, input "
             f"{tuple(key.sample_shape)}, {key.steps.reuse} reuse and {key.steps.capture} capture steps): every layer "
             f"computes, exactly as unpatched (plain attention). The closest, {best.name} with {fmt} maps: "
-            f"{best.reason.split(': ', 1)[-1]}. Under CUDA graphs or torch.compile(mode='reduce-overhead') plan "
-            "with handle.prepare(sample, encoder_hidden_states, num_steps, mode='graphed'); plan='all' reuses every "
-            "layer regardless")
+            f"{best.reason.split(': ', 1)[-1]}. {graphs}{force}")

@@ -16,7 +16,7 @@ map with fresh values (the map as stored); and ``cached_pv`` over a map the PyTo
 kernel alone). A tree with first-use checks (:mod:`attnreuse.kernels.selfcheck`) runs its kernels raw here, the
 check only reporting whether it would have caught the variant. A case is clean (finite, within the format's
 bound), wrong, crashed (the process died: an illegal address, a timeout) or failed (a Python error, e.g. a
-compile error).
+compile error). ``--smoke`` runs the script itself on a CPU, the kernels in Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -81,11 +81,15 @@ def _kernels(tree: Path):
 
 
 def run_case(name: str, shape: tuple, fmt: str, dtype: str, tree: Path, smoke: bool = False) -> dict:
-    """One case; ``smoke``: on the CPU through the PyTorch path at a sixteenth of the tokens (this script's own
-    test, no kernel runs)."""
+    """One case; ``smoke``: on the CPU at a sixteenth of the tokens (this script's own test), the kernels in
+    Triton's interpreter where the tree lets CPU tensors take them, else the PyTorch path."""
     import torch
     kernels = _kernels(tree)
     device, backend = ("cpu", "torch") if smoke else ("cuda", "triton")
+    if smoke and hasattr(kernels.api, "KERNEL_DEVICES"):
+        kernels.api.KERNEL_DEVICES.add("cpu")
+        kernels.api.backend_available = lambda: True
+        backend = "triton"
     if smoke:
         shape = (*shape[:2], max(1, shape[2] // 16), max(1, shape[3] // 16) if shape[3] != 77 else 77, shape[4])
     checks = []
@@ -94,9 +98,9 @@ def run_case(name: str, shape: tuple, fmt: str, dtype: str, tree: Path, smoke: b
     except ImportError:
         selfcheck = None
     if selfcheck is not None:  # the kernels raw; what the first-use check says, on the side
-        def raw(launch, tensors, check, reference):
-            launch(*tensors)
-            errors = check()
+        def raw(launch, tensors, aligned, check, reference):
+            launch(tensors, aligned)
+            errors = check() or {}
             checks.append({"variant": str(launch.variant), "caught": not all(e <= a for e, a in errors.values())})
         selfcheck.run = raw
     b, h, nq, nk, d = shape
@@ -142,6 +146,8 @@ def run_case(name: str, shape: tuple, fmt: str, dtype: str, tree: Path, smoke: b
 
 def _one(name: str, spec: tuple, tree: Path, out: Path, timeout: int, smoke: bool) -> dict:
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1", "PYTHONUNBUFFERED": "1"}
+    if smoke:
+        env["TRITON_INTERPRET"] = "1"
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, __file__, "--case", name, "--spec", json.dumps(spec), "--tree",
@@ -184,8 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("out/correctness"), help="cases.jsonl and table.md go here")
     ap.add_argument("--jobs", type=int, default=8, help="cases at a time (each its own process)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds per case")
-    ap.add_argument("--smoke", action="store_true", help="this script's own check on a CPU: the PyTorch path at a "
-                                                         "sixteenth of the tokens, no kernel")
+    ap.add_argument("--smoke", action="store_true", help="this script's own check on a CPU: a sixteenth of the tokens, "
+                                                         "the kernels in Triton's interpreter")
     ap.add_argument("--only", nargs="+", help="these cases only")
     args = ap.parse_args(argv)
     trees = [t.resolve() for t in (args.tree or [ROOT])]
@@ -198,7 +204,11 @@ def main(argv=None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cases.jsonl").unlink(missing_ok=True)
-    todo = [(name, spec, tree) for tree in trees for name, spec in cases().items() if not args.only or name in args.only]
+    known = cases()
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        ap.error(f"--only {' '.join(unknown)}: no such case (python bench/correctness.py --list)")
+    todo = [(name, spec, tree) for tree in trees for name, spec in known.items() if not args.only or name in args.only]
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda c: _one(*c, args.out, args.timeout, args.smoke), todo))
     text = table(results)

@@ -9,6 +9,7 @@ proved good at telling without a GPU; a time model built on instruction counts w
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import subprocess
 import tempfile
@@ -69,6 +70,7 @@ def disassemble(cubin: bytes) -> tuple[str, str]:
         return run("cuobjdump", "-res-usage"), run("nvdisasm", "-g", "-c")
 
 
+@functools.lru_cache(maxsize=None)
 def operand_of(source: tuple[str, int] | None) -> str:
     """The operand a ``tl.load`` / ``tl.store`` on this source line reads (``V`` for ``v_row``), else ``file:line``."""
     if source is None:

@@ -31,6 +31,7 @@ input's: for the kernels above Triton's PTX reads no register that is written on
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
@@ -140,7 +141,9 @@ def _undefined_reads(ops: list[_Op], labels: dict[str, int], constant) -> list[t
             return
         written = set(op.writes)
         # a predicate that changes says nothing any more about the writes it guarded
-        state -= {f for f in state if ":" in f and f.split(":")[0].lstrip("!") in written}
+        predicates = [w for w in written if w.lstrip("U").startswith("P") or w.startswith("%p")]
+        if predicates:
+            state -= {f for f in state if ":" in f and f.split(":")[0].lstrip("!") in predicates}
         if op.guard is None:
             state |= written
         elif op.guard.lstrip("!") not in written:
@@ -389,8 +392,7 @@ def uninitialised_reads(sass: str, ptx: str | None = None) -> list[Finding]:
     source line where the PTX permutes or packs an LLVM ``undef``, has kind ``"undef"`` too: the don't-care lane of
     a byte vector that LLVM fills later (``prmt ... %undef, 0x3340`` then ``prmt ..., 0x5210`` replaces it), to
     which ptxas gave a register that is written elsewhere."""
-    undef_lines = _ptx_undef_lines(ptx) if ptx else set()
-    findings = []
+    findings, permutes = [], []
     for function in _SASS_FUNCTION.split(sass):
         ops, labels = _sass_ops(function)
         for i, reg in _undefined_reads(ops, labels, lambda r: r in _SASS_CONSTANT):
@@ -398,9 +400,14 @@ def uninitialised_reads(sass: str, ptx: str | None = None) -> list[Finding]:
             kind = _kind(ops, labels, i, reg)
             if not kind and not any(reg in other.writes for j, other in enumerate(ops) if j != i):
                 kind = "undef"  # no other instruction writes it: a PTX undef (a don't-care value) kept as is
-            if not kind and op.opcode.split(".")[0] in ("PRMT", "UPRMT") and op.line in undef_lines:
-                kind = "undef"
             findings.append(Finding(op.addr, op.opcode, reg, op.text, kind))
+            if not kind and op.opcode.split(".")[0] in ("PRMT", "UPRMT"):
+                permutes.append((len(findings) - 1, op.line))
+    if permutes and ptx:
+        undef_lines = _ptx_undef_lines(ptx)
+        for n, line in permutes:
+            if line in undef_lines:
+                findings[n] = dataclasses.replace(findings[n], kind="undef")
     return findings
 
 

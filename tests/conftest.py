@@ -38,3 +38,16 @@ def no_kernel_fails_its_check(request):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "wrong_kernel: the test injects a kernel that must fail its first-use check")
+
+
+def pytest_collection_finish(session):
+    """Compiling every UNet launch for three GPU targets under two Tritons takes minutes of CPU: start it now, beside
+    the other tests, when tests/test_compiled_launches.py is to run."""
+    if any(item.path.name == "test_compiled_launches.py" for item in session.items):
+        from tests import compile_matrix
+        compile_matrix.start()
+
+
+def pytest_sessionfinish(session):
+    from tests import compile_matrix
+    compile_matrix.stop()

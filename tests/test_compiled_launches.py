@@ -6,77 +6,22 @@ A compile error fails, and so does a compiled kernel that reads a register befor
 its wgmma descriptors from unset registers; the 4-bit capture read e5m2 conversions hoisted above their inputs),
 which gave wrong cross-attention and NaN 4-bit maps while every interpreter test passed.
 
-The oldest Triton is installed once per machine into a folder of its own (``pip install --target``), or taken from
-``$ATTNREUSE_OLDEST_TRITON``; the newest is the one installed here.
+The work runs in the background from collection on (tests/compile_matrix.py); the oldest Triton is installed once
+per machine into a folder of its own, or taken from ``$ATTNREUSE_OLDEST_TRITON``; the newest is the one installed
+here.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-OLDEST_TRITON = "3.6.0"  # what torch 2.11 brings: setup.py's floor
-TIMEOUT = 1200  # seconds per subprocess; the whole matrix takes about 6 minutes on 2 cores
-
-
-def oldest_triton() -> Path:
-    """A folder that holds the oldest supported Triton, for the front of PYTHONPATH."""
-    if os.environ.get("ATTNREUSE_OLDEST_TRITON"):
-        return Path(os.environ["ATTNREUSE_OLDEST_TRITON"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = cache / "attnreuse" / f"triton-{OLDEST_TRITON}"
-    if not (folder / "triton" / "__init__.py").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent))
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(staging),
-                               f"triton=={OLDEST_TRITON}"], capture_output=True, text=True)
-        if proc.returncode:
-            shutil.rmtree(staging, ignore_errors=True)
-            pytest.fail(f"could not install triton=={OLDEST_TRITON} (pip: {proc.stderr[-500:]}); set "
-                        f"ATTNREUSE_OLDEST_TRITON to a folder made with pip install --target DIR triton=={OLDEST_TRITON}")
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
-    return folder
-
-
-def _env(tmp: Path, name: str, pythonpath: Path | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real GPU targets
-    env["TRITON_CACHE_DIR"] = str(tmp / f"cache-{name}")  # fresh: every kernel compiled by this Triton
-    if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+from tests import compile_matrix
+from tests.compile_matrix import OLDEST_TRITON
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    import triton
-    tmp = tmp_path_factory.mktemp("launches")
-    launches = tmp / "launches.json"
-    subprocess.run([sys.executable, "bench/launches.py", "record", "--json", str(launches)], cwd=ROOT,
-                   env=_env(tmp, "record"), check=True, capture_output=True, text=True, timeout=TIMEOUT)
-    tritons = {triton.__version__: None}
-    if triton.__version__ != OLDEST_TRITON:
-        tritons[OLDEST_TRITON] = oldest_triton()
-    procs = {version: subprocess.Popen([sys.executable, "bench/launches.py", "compile", str(launches), "--json",
-                                        str(tmp / f"compiled-{version}.json")], cwd=ROOT,
-                                       env=_env(tmp, version, path), stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True)
-             for version, path in tritons.items()}
-    results = {}
-    for version, proc in procs.items():
-        out, _ = proc.communicate(timeout=TIMEOUT)
-        found = tmp / f"compiled-{version}.json"
-        assert found.exists(), f"bench/launches.py compile under Triton {version} wrote nothing:\n{out[-3000:]}"
-        results[version] = json.loads(found.read_text())
-        results[version]["printed"] = out
-    return json.loads(launches.read_text())["launches"], results
+def compiled():
+    """``(launches, {Triton version: compiled rows})``: started in the background at collection (conftest.py)."""
+    return compile_matrix.start().wait()
 
 
 def test_both_ends_of_the_supported_range_compile_the_recorded_launches(compiled):

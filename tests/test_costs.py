@@ -139,7 +139,8 @@ def test_cache_folder_from_the_environment(monkeypatch, tmp_path):
 def test_device_key_names_every_version():
     key = costs.device_key("cpu")
     assert set(key) == {"gpu", "driver", "torch", "triton", "attnreuse"}
-    assert key["gpu"] == "cpu" and key["torch"] == torch.__version__ and key["attnreuse"] == attnreuse.__version__
+    assert key["gpu"] == "cpu" and key["torch"] == torch.__version__
+    assert key["attnreuse"].startswith(attnreuse.__version__ + "+")  # and a hash of the kernels' source
 
 
 def test_measure_layer_times_the_three_calls_on_cpu():

@@ -109,3 +109,22 @@ def test_joint_attention_transformer_rejected_before_any_change():
     with pytest.raises(TypeError, match="SD3 and Flux are not supported"):
         attnreuse.patch(flux, "10")
     assert not flux._forward_pre_hooks
+
+
+def test_class_conditional_dit_plans_without_text():
+    """A class-conditional DiT (no encoder_hidden_states) gets a plan where there are costs, as on a GPU."""
+    from diffusers import DiTPipeline, Transformer2DModel
+    from attnreuse.planner import LayerCost
+    torch.manual_seed(0)
+    transformer = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+                                     num_layers=2).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    unpatched = pipe(class_labels=[1], num_inference_steps=6, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    with patch_with_costs(pipe, attnreuse.hurry(6, 3), lambda s, fmt: LayerCost(1.0, 1.2, 0.5)) as handle:
+        out = pipe(class_labels=[1], num_inference_steps=6, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert handle.plan and all(p.reuse for p in handle.plan)
+    assert not (out == unpatched).all()

@@ -90,6 +90,7 @@ def test_what_the_kernels_do_not_take_runs_the_reference_path(monkeypatch, dtype
     from attnreuse.kernels import api
     monkeypatch.setattr(api, "backend_available", lambda: True)
     monkeypatch.setattr(api, "KERNEL_DEVICES", {"cuda", DEVICE})  # as if these were CUDA tensors
+    monkeypatch.setattr(api, "_ROUTES", {})  # routes decided before this patch
     launched = []
     monkeypatch.setattr(custom_ops, "capture", lambda *a: launched.append(a))
     shape = (1, 2, 24, 140, head_dim)
@@ -97,8 +98,25 @@ def test_what_the_kernels_do_not_take_runs_the_reference_path(monkeypatch, dtype
     q, k, v = (x.to(dtype) for x in random_qkv(shape, device=DEVICE, seed=5))
     out, cmap = capture(q, k, v, h, d ** -0.5, "fp8")
     assert not launched and rel_err(out, out64(probs64(q, k, h, d ** -0.5), v, h)) < 1e-3
-    with pytest.raises(ValueError, match="fp16 or bf16, head dims up to 128"):
+    with pytest.raises(ValueError, match="fp16 or bf16 of one width, head dims up to 128"):
         cached_pv(cmap, v, h, backend="triton")
+
+
+def test_values_wider_than_queries_and_tracked_inputs(monkeypatch):
+    """A V wider than Q and K takes the PyTorch path (the kernels read one head dim); inputs autograd tracks go
+    through the custom ops, whose backward is an error naming them, not a result cut off from the graph."""
+    from attnreuse.kernels import api
+    monkeypatch.setattr(api, "backend_available", lambda: True)
+    monkeypatch.setattr(api, "KERNEL_DEVICES", {"cuda", DEVICE})
+    monkeypatch.setattr(api, "_ROUTES", {})  # routes decided before this patch
+    q, k, _ = random_qkv((1, 2, 20, 30, 16), device=DEVICE, seed=6)
+    v = torch.randn(1, 30, 64, device=DEVICE).half()
+    out, _ = capture(q, k, v, 2, 0.25, "fp8")
+    assert rel_err(out, out64(probs64(q, k, 2, 0.25), v, 2)) < 2e-3
+    q.requires_grad_(True)
+    out, _ = capture(q, k, k, 2, 0.25, "fp8")
+    with pytest.raises(RuntimeError, match="attnreuse.capture"):
+        out.float().sum().backward()
 
 
 def test_zero_blocks_read_as_zero():

@@ -12,7 +12,8 @@ from diffusers import (DDIMScheduler, HeunDiscreteScheduler, StableDiffusionImg2
 from diffusers.models.attention_processor import Attention
 
 import attnreuse
-from tests.helpers import SCHEDULERS, IteratingPipeline, contexts, make_unet, tiny_vae, to_q_calls
+from attnreuse.planner import layer_shapes
+from tests.helpers import CROSS_DIM, SCHEDULERS, TEXT_TOKENS, IteratingPipeline, contexts, make_unet, tiny_vae, to_q_calls
 
 def make_pipe(scheduler_cls=DDIMScheduler, unet=None) -> StableDiffusionPipeline:
     """SD-style txt2img pipeline: tiny VAE (scale factor 1: 8x8 pixels = 8x8 latents), the helpers' UNet, no
@@ -234,6 +235,33 @@ def test_compiled_unet_one_graph_per_step_kind():
             pipe.unet = unet
             torch._dynamo.reset()
     assert torch.allclose(first, eager, rtol=1e-4, atol=1e-5) and torch.equal(first, second)
+
+
+@pytest.mark.parametrize("first_layer_reuses", [True, False])
+def test_compiled_unet_follows_a_plan_whatever_its_first_layer_does(first_layer_reuses):
+    """A plan in which the first patched layer computes still compiles one graph per step kind (torch.compile once
+    kept a single graph for every kind then: nothing was ever reused, silently)."""
+    from attnreuse.planner import LayerCost
+    pipe = make_pipe()
+    unpatched = run(pipe, steps=6)
+    first = next(n for n, m in pipe.unet.named_modules() if isinstance(m, Attention))
+    with attnreuse.patch(pipe, attnreuse.hurry(6, 3)) as handle:
+        paying, not_paying = LayerCost(1.0, 1.2, 0.5), LayerCost(1.0, 1.5, 2.0)
+        shape = layer_shapes(pipe.unet, [first], (2, 4, 8, 8), TEXT_TOKENS)[first]
+        handle.plans.cost = lambda *a: lambda s, f: paying if (s == shape) == first_layer_reuses else not_paying
+        plan = handle.prepare(torch.empty(2, 4, 8, 8), torch.empty(2, TEXT_TOKENS, CROSS_DIM), 6)
+        assert plan[0].name == first and plan[0].reuse == first_layer_reuses and any(p.reuse for p in plan)
+        eager = run(pipe, steps=6)
+        torch._dynamo.reset()
+        unet = pipe.unet
+        pipe.unet = torch.compile(unet, fullgraph=True, backend="eager")
+        try:
+            compiled = run(pipe, steps=6)
+        finally:
+            pipe.unet = unet
+            torch._dynamo.reset()
+    assert not torch.equal(eager, unpatched)
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_patching_through_a_second_pipeline_keeps_the_first_counting_steps():

@@ -289,7 +289,7 @@ def test_no_layer_pays_runs_unpatched_and_says_so_once():
     assert len(told) == 1, told
     assert "on cpu (eager costs" in told[0] and "every layer computes, exactly as unpatched" in told[0]
     assert "reuse saves 0.3 ms over 3 reuse step(s) but its 1 capture(s) add 0.5 ms" in told[0]
-    assert "mode='graphed'" in told[0] and "plan='all'" in told[0]
+    assert "mode='graphed'" not in told[0] and "plan='all'" in told[0]  # graphs: a GPU's advice, not a CPU's
     assert all(torch.equal(out, ref) for out in outs)
 
 
@@ -342,3 +342,39 @@ def test_compiled_unet_without_a_plan_names_prepare_and_plan_all():
             assert torch.allclose(two_steps(compiled, handle), two_steps(unet, handle), atol=1e-5)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_model_whose_layers_cannot_be_placed_names_plan_all():
+    """AnimateDiff's UNetMotionModel takes 5-D samples: with costs (a GPU) its layers cannot be placed for a plan,
+    and the error names plan='all', with which it samples."""
+    from diffusers import MotionAdapter, UNetMotionModel
+    adapter = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1,
+                            motion_transformer_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=8, use_motion_mid_block=False)
+    unet = UNetMotionModel.from_unet2d(make_unet("sd15"), adapter).eval()
+    x, context = torch.randn(1, 4, 3, 8, 8), torch.randn(3, 7, 32)
+
+    def generation(handle):
+        with torch.no_grad(), handle.generation(3) as gen:
+            for i, t in enumerate([900, 500, 100]):
+                gen.step(i)
+                unet(x, t, encoder_hidden_states=context)
+
+    with patch_with_costs(unet, "110", lambda s, fmt: LayerCost(1.0, 1.2, 0.5)) as handle:
+        with pytest.raises(TypeError, match=r"cannot be placed for a per-layer plan. Patch with plan='all'"):
+            generation(handle)
+    with attnreuse.patch(unet, "110", plan="all") as handle:
+        generation(handle)
+
+
+def test_prepare_names_what_is_wrong_with_its_arguments():
+    unet = make_unet("sd15")
+    x, context = torch.empty(2, 4, 8, 8), torch.empty(2, 7, 32)
+    with patch_with_costs(unet, attnreuse.hurry(6, 3), lambda s, fmt: LayerCost(1.0, 1.2, 0.5)) as handle:
+        with pytest.raises(ValueError, match="num_steps=0: pass the number of sampling steps"):
+            handle.prepare(x, context, 0)
+        with pytest.raises(TypeError, match=r"encoder_hidden_states must be \[batch, tokens, width\]"):
+            handle.prepare(x, context[0], 6)
+        with pytest.raises(TypeError, match="sample must be the UNet's input tensor"):
+            handle.prepare(6, x, context)
+        assert len(handle.prepare(x, context, 6)) == len(handle.layers)

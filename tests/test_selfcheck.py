@@ -44,7 +44,8 @@ def launches(monkeypatch) -> list:
     """The kernel launches that run from now on (the PyTorch path makes none)."""
     made = []
     call = launchers._Launch.__call__
-    monkeypatch.setattr(launchers._Launch, "__call__", lambda self, *t: (made.append(self.variant), call(self, *t)))
+    monkeypatch.setattr(launchers._Launch, "__call__",
+                        lambda self, tensors, aligned: (made.append(self.variant), call(self, tensors, aligned)))
     return made
 
 
@@ -125,6 +126,7 @@ def test_warmup_prints_one_line_per_variant(fresh, monkeypatch, capsys):
     from attnreuse import warmup
     from attnreuse.kernels import api
     monkeypatch.setattr(api, "KERNEL_DEVICES", {"cuda", DEVICE})
+    monkeypatch.setattr(api, "_ROUTES", {})  # routes decided before this patch
     monkeypatch.setattr(api, "backend_available", lambda: True)
     monkeypatch.setattr(warmup, "attention_shapes", lambda *a: {(1, 2, 40, 150, 40): 2, (1, 2, 40, 77, 40): 2,
                                                                  (1, 2, 16, 16, 160): 1})
@@ -134,3 +136,33 @@ def test_warmup_prints_one_line_per_variant(fresh, monkeypatch, capsys):
     checks = [line for line in printed.splitlines() if line.startswith("    ok")]
     assert len(checks) == 8 and len(set(checks)) == 8
     assert sum("PyTorch path" in line for line in printed.splitlines()) == 2  # d=160, per format
+
+
+def test_non_finite_inputs_leave_the_variant_unjudged(fresh):
+    """A NaN in the values says nothing about the kernel: no verdict, no warning; the next call checks."""
+    b, h, nq, nk, d = SHAPE
+    q, k, v = random_qkv(SHAPE, seed=4, device=DEVICE)
+    cmap = CachedMap.from_probs(probs64(q, k, h, d ** -0.5), "fp8")
+    bad = v.clone()
+    bad[0, 3, 5] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reuse(cmap, bad, h)
+        assert not selfcheck.verdicts()
+        reuse(cmap, v, h)
+    assert [verdict.ok for verdict in selfcheck.verdicts().values()] == [True]
+
+
+@pytest.mark.wrong_kernel
+def test_a_variant_that_cannot_compile_runs_the_pytorch_path(fresh, monkeypatch, tmp_path):
+    """A compile error (or, on a GPU, resources the chip lacks) at a variant's first launch: a warning, the PyTorch
+    path's result, never a crash."""
+    b, h, nq, nk, d = SHAPE
+    broken = kernels_with(tmp_path, "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)",
+                          "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT) + tl.undefined_name")
+    monkeypatch.setattr(tk, "cached_pv_kernel", broken.cached_pv_kernel)
+    q, k, v = random_qkv(SHAPE, seed=5, device=DEVICE)
+    p = probs64(q, k, h, d ** -0.5)
+    with pytest.warns(RuntimeWarning, match=r"launch \("):
+        out = reuse(CachedMap.from_probs(p, "fp16"), v, h)
+    assert rel_err(out, out64(p, v, h)) < 1e-3

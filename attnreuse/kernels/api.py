@@ -21,6 +21,10 @@ VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Devices whose tensors take the kernels. bench/launches.py adds "meta" for a while: a UNet on the meta device then
 # makes, without a GPU, every launch it would make on one (compiled for a target, never run).
 KERNEL_DEVICES = {"cuda"}
+# The GPU architectures CI compiles every launch of SD1.5, SD2.1 and SDXL for (bench/launches.py): A100 (sm_80),
+# Ada (sm_89: L4, L40S, RTX 4090) and Hopper (sm_90: H100, H200). Others take the PyTorch path: their shared memory
+# and code generation are unchecked (a T4 or an RTX 50 would not fit some tiles).
+KERNEL_ARCHS = {(8, 0), (8, 9), (9, 0)}
 
 
 def _use_triton(backend: str, values: tuple[torch.Tensor, ...], heads: int, fmt: formats.MapFormat) -> bool:
@@ -31,14 +35,39 @@ def _use_triton(backend: str, values: tuple[torch.Tensor, ...], heads: int, fmt:
         return False
     head_dim = values[0].shape[-1] // heads
     usable = (all(t.device.type in KERNEL_DEVICES and t.dtype in VALUE_DTYPES.values() for t in values)
-              and fmt.kernel is not None and head_dim <= MAX_HEAD_DIM)
+              and fmt.kernel is not None and head_dim <= MAX_HEAD_DIM and all(t.shape[-1] == values[0].shape[-1]
+                                                                             for t in values))
     if backend == "triton" and not usable:
-        raise ValueError("backend='triton' needs CUDA activations in fp16 or bf16, head dims up to "
+        raise ValueError("backend='triton' needs CUDA activations in fp16 or bf16 of one width, head dims up to "
                          f"{MAX_HEAD_DIM} and a map format with kernels ({', '.join(formats.kernel_formats())}); got "
                          f"{sorted({f'{t.device.type} {t.dtype}' for t in values})}, head dim {head_dim} and "
                          f"{fmt.name} maps: use backend='auto' (the PyTorch path where the kernels cannot go) "
                          "or 'torch'")
-    return usable and (values[0].device.type == "meta" or backend_available())
+    device = values[0].device
+    if not usable or device.type == "meta":
+        return usable
+    if not backend_available():
+        return False
+    if device.type == "cuda" and not kernel_gpu(device.index):  # a tensor's CUDA device always has its index
+        if backend == "triton":
+            raise ValueError(f"backend='triton': the kernels are built and checked for "
+                             f"{', '.join(f'sm_{a}{b}' for a, b in sorted(KERNEL_ARCHS))}, not for "
+                             f"{torch.cuda.get_device_name(device)}: use backend='auto' (the PyTorch path there)")
+        return False
+    return True
+
+
+@torch.compiler.assume_constant_result
+@functools.cache
+def kernel_gpu(index: int) -> bool:
+    """Whether CUDA device ``index`` is one the kernels are built and checked for (not ROCm, not another arch)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(index) in KERNEL_ARCHS
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Inputs that autograd tracks take the custom ops, whose missing backward then raises a clear error (the eager
+    launch functions would return outputs silently cut off from the graph)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_heads(x: torch.Tensor, heads: int, what: str) -> None:
@@ -70,14 +99,18 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
     ``q``: ``[B, Nq, H·D]``; ``k``, ``v``: ``[B, Nk, H·D]``. Returns ``(out [B, Nq, H·D], CachedMap)``.
     A ``mask`` always takes the reference path (diffusers UNets pass none to self/cross-attention).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_heads(x, heads, name)
-    if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need the same batch "
-                         "and tokens, q and k the same batch and width")
-    fmt = formats.get(map_format)
-    if mask is None and _use_triton(backend, (q, k, v), heads, fmt):
-        if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling or mask is not None else (
+        "capture", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, heads,
+        map_format, backend)
+    route = _ROUTES.get(key) if key is not None else None
+    if route is None:
+        route = _capture_route(q, k, v, heads, map_format, mask, backend)
+        if key is not None:
+            _ROUTES[key] = route
+    fmt, triton_path = route
+    if triton_path:
+        if compiling or _needs_grad(q, k, v):  # the ops, registered by backend_available's import
             out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
             return out, CachedMap(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
         out, data, block_max, row_lse = _ops().capture(q, k, v, heads, scale, fmt)
@@ -85,8 +118,39 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
     return capture_reference(q, k, v, heads, scale, fmt, mask)
 
 
+def _capture_route(q, k, v, heads, map_format, mask, backend) -> tuple[formats.MapFormat, bool]:
+    """Every check of a capture's inputs: ``(format, whether the kernels run)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_heads(x, heads, name)
+    if k.shape[:2] != v.shape[:2] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: k and v need the same batch "
+                         "and tokens, q and k the same batch and width")
+    fmt = formats.get(map_format)
+    return fmt, mask is None and _use_triton(backend, (q, k, v), heads, fmt)
+
+
 def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto") -> torch.Tensor:
     """``A · V`` for the cached map ``A``; ``v``: ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]`` in ``v.dtype``."""
+    compiling = torch.compiler.is_compiling()
+    data = cmap.data
+    key = None if compiling else ("cached_pv", data.shape, data.dtype, data.device, cmap.kv_tokens, cmap.format,
+                                  v.shape, v.dtype, v.device, heads, backend)
+    triton_path = _ROUTES.get(key) if key is not None else None
+    if triton_path is None:
+        triton_path = _cached_pv_route(cmap, v, heads, backend)
+        if key is not None:
+            _ROUTES[key] = triton_path
+    if triton_path:
+        fmt = cmap.format
+        data = data.view(fmt.op_dtype)
+        if compiling or _needs_grad(v):  # the ops, registered by backend_available's import
+            return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, fmt.name)
+        return _ops().cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, fmt)
+    return cached_pv_reference(cmap, v, heads)
+
+
+def _cached_pv_route(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str) -> bool:
+    """Every check of a reuse's inputs: whether the kernels run."""
     _check_heads(v, heads, "v")
     b, nk, _ = v.shape
     shape = cmap.shape
@@ -96,9 +160,8 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
             f"with {heads} heads: the map belongs to another batch, resolution or layer")
     if cmap.data.device != v.device:
         raise ValueError(f"cached map on {cmap.data.device}, values on {v.device}: move one of them")
-    if _use_triton(backend, (v,), heads, cmap.format):
-        data = cmap.data.view(cmap.format.op_dtype)
-        if torch.compiler.is_compiling():
-            return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.format.name)
-        return _ops().cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, cmap.format)
-    return cached_pv_reference(cmap, v, heads)
+    return _use_triton(backend, (v,), heads, cmap.format)
+
+
+# Each input layout's checks, made once (eager calls): the route they gave (shape errors raise, never cached)
+_ROUTES: dict[tuple, object] = {}

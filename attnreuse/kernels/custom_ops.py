@@ -1,29 +1,15 @@
 """The Triton kernels as ``torch.library`` custom ops, so that ``torch.compile`` and CUDA graphs see them, and the
 functions behind them, which eager calls use directly (an op dispatch costs host time an eager UNet cannot hide).
 Inputs are checked once, in :mod:`.api`; the map format crosses the ops as its registry name, and fp8 and 4-bit
-maps as uint8 bytes (``MapFormat.op_dtype``).
+maps as uint8 bytes (``MapFormat.op_dtype``). ``cached_pv`` and ``capture`` are the eager functions.
 """
 from __future__ import annotations
 
 import torch
 
 from . import formats
-from .launchers import capture_buffers, empty_rows, launch_cached_pv, launch_capture
-
-
-def cached_pv(data: torch.Tensor, block_max: torch.Tensor, row_lse: torch.Tensor, v: torch.Tensor, heads: int,
-              fmt: formats.MapFormat) -> torch.Tensor:
-    """A cached map times ``v`` ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]`` (a new tensor)."""
-    out = empty_rows(v.shape[0], data.shape[2], v.shape[2], v.dtype, v.device)
-    launch_cached_pv(out, data, block_max, row_lse, v, heads, fmt)
-    return out
-
-
-def capture(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, fmt: formats.MapFormat):
-    """``(out, data, block_max, row_lse)``: attention and its map (see :mod:`.storage`), new tensors."""
-    bufs = capture_buffers(q, k, v, heads, fmt)
-    launch_capture(*bufs, q, k, v, heads, scale, fmt)
-    return bufs
+from .launchers import cached_pv_new as cached_pv
+from .launchers import capture_buffers, capture_new as capture, empty_rows
 
 
 @torch.library.custom_op("attnreuse::cached_pv", mutates_args=())

@@ -83,7 +83,7 @@ def _cast_encode(dtype: torch.dtype, top: float) -> Callable[[torch.Tensor], tor
     return lambda rel: (rel * top).to(dtype)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per format (the registry's): compared and hashed by identity
 class MapFormat:
     """One storage format of cached maps.
 

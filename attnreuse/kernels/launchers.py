@@ -13,6 +13,8 @@ in the process (:mod:`.selfcheck`); a variant that fails runs the reference from
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.runtime import driver
 
 from . import formats, selfcheck
@@ -31,8 +34,8 @@ from .tuning import INTERPRET, Config, block_d, cached_pv_config, capture_config
 
 ALIGN = 16  # bytes
 # Triton versions whose CompiledKernel.run(grid..., stream, function, metadata, launch metadata, hooks, *args)
-# this module calls directly (JITFunction.run does the same after binding the arguments).
-DIRECT_LAUNCH = tuple(triton.__version__.split(".")[:2]) in {("3", str(m)) for m in range(6, 10)}
+# this module calls directly, as JITFunction.run does after binding the arguments (read in 3.6-3.9's source).
+DIRECT_LAUNCH = tuple(triton.__version__.split(".")[:2]) in {("3", "6"), ("3", "7"), ("3", "8"), ("3", "9")}
 
 
 def target_arch() -> int:
@@ -52,7 +55,8 @@ def _arch(active, device) -> int:
 
 def _units(stride: int, item: int) -> int:
     """A stride in 16-byte units (the kernels multiply back, so the compiler sees a multiple of 16 bytes)."""
-    assert stride * item % ALIGN == 0, "caller guarantees 16-byte strides"
+    if stride * item % ALIGN:
+        raise ValueError(f"a stride of {stride * item} bytes: the kernels take rows that start every 16 bytes")
     return stride * item // ALIGN
 
 
@@ -112,10 +116,11 @@ class _Launch:
     args: list
     tensors: tuple[int, ...]  # positions of the tensor arguments
     options: dict  # num_warps, num_stages
-    variant: selfcheck.Variant
+    variant: selfcheck.Variant  # with every pointer 16-byte aligned (the launchers' own buffers are)
     block_m: int
     n_values: int  # arguments before the constexprs
     compiled: object = None  # Triton's CompiledKernel, launched directly
+    verdict: object = None  # the aligned variant's first-use check, once made
 
     @classmethod
     def make(cls, fn, grid, values: list, meta: dict, variant: selfcheck.Variant) -> "_Launch":
@@ -124,13 +129,16 @@ class _Launch:
         return cls(fn, (*grid, 1), args, tuple(i for i, a in enumerate(values) if a is None),
                    {k: meta[k] for k in _OPTIONS}, variant, meta["BLOCK_M"], len(values))
 
-    def __call__(self, *tensors: torch.Tensor) -> None:
+    def variant_of(self, aligned: bool) -> selfcheck.Variant:
+        """The variant a launch runs: Triton compiles another kernel where a pointer is not 16-byte aligned."""
+        return self.variant if aligned else dataclasses.replace(self.variant, flags=self.variant.flags + ("UNALIGNED",))
+
+    def __call__(self, tensors: tuple, aligned: bool) -> None:
+        """Launch on ``tensors``; ``aligned``: every pointer 16-byte aligned (:func:`aligned`)."""
         args = list(self.args)
         for i, t in zip(self.tensors, tensors):
             args[i] = t
-        # the compiled kernel assumes 16-byte aligned pointers, as Triton specialised it at the first launch
-        aligned = all(t.data_ptr() % ALIGN == 0 for t in tensors)
-        if self.compiled is not None and aligned and tensors[0].is_cuda:
+        if self.compiled is not None and aligned:  # the compiled kernel assumes it, as Triton specialised it
             _direct(self.compiled, self.grid, args, tensors[0].device)
             return
         n = self.n_values
@@ -139,17 +147,27 @@ class _Launch:
             self.compiled = kernel  # every later call of this shape has the same arguments but the tensors
 
 
+def aligned(tensors) -> bool:
+    """Whether every tensor starts 16-byte aligned (Triton specialises pointers on it)."""
+    return all(t.data_ptr() % ALIGN == 0 for t in tensors)
+
+
 def _direct(kernel, grid, args, device: torch.device) -> None:
-    """What ``JITFunction.run`` does once it has the compiled kernel: launch it on the current stream."""
-    if device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            return _direct(kernel, grid, args, device)
-    from triton import knobs
-    stream = torch.cuda.current_stream(device).cuda_stream
+    """What ``JITFunction.run`` does once it has the compiled kernel: launch it on the current stream (the launch
+    functions made the tensors' device the current one)."""
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    stream = driver.active.get_current_stream(device.index)
     metadata = kernel.launch_metadata(grid, stream, *args) if getattr(enter, "calls", True) else None
     kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
                *args)
+
+
+def _on_device(device: torch.device):
+    """The tensors' CUDA device made current where it is not (Triton's JIT compiles, loads and launches on the
+    current device, whatever the tensors' is), else nothing."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 _LAUNCHES: dict[tuple, _Launch] = {}
@@ -169,18 +187,87 @@ def _shape_key(*tensors: torch.Tensor) -> tuple:
     return tuple((t.shape, t.stride(), t.dtype) for t in tensors)
 
 
-def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: Config | None = None) -> None:
+def launch_cached_pv(out, data, block_max, row_lse, v, heads: int, fmt, config: Config | None = None) -> _Launch:
     """``out`` ``[B, Nq, H·D]`` = the map (``data``, ``block_max``, ``row_lse``) in format ``fmt`` times ``v``
-    ``[B, Nk, H·D]``. ``data``: in the format's dtype, or its uint8 bytes."""
+    ``[B, Nk, H·D]``. ``data``: in the format's dtype, or its uint8 bytes. Returns the launch (its shape's)."""
     fmt = formats.get(fmt)
     if data.dtype != fmt.op_dtype:
         data = data.view(fmt.op_dtype)
     v = aligned_rows(v)
     key = ("cached_pv", fmt.name, config, heads, v.device, *_shape_key(data, block_max, row_lse, v, out))
-    launch = _launch_for(key, lambda: _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config))
-    selfcheck.run(launch, (data, block_max, row_lse, v, out),
+    with _on_device(v.device):
+        launch = _launch_for(key, lambda: _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config))
+        _run_cached_pv(launch, (data, block_max, row_lse, v, out), heads, fmt)
+    return launch
+
+
+def _run_cached_pv(launch: _Launch, tensors: tuple, heads: int, fmt, is_aligned: bool | None = None) -> None:
+    data, block_max, row_lse, v, out = tensors
+    selfcheck.run(launch, tensors, aligned(tensors) if is_aligned is None else is_aligned,
                   lambda: selfcheck.cached_pv_errors(out, data, block_max, row_lse, v, heads, fmt, launch.block_m),
                   lambda: _cached_pv_reference(out, data, block_max, row_lse, v, heads, fmt))
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """How to allocate a launch's outputs: per buffer ``(size, dtype, width)``, ``width`` narrower than the last
+    dim where rows are padded to 16 bytes."""
+
+    buffers: tuple
+
+    @classmethod
+    def of(cls, bufs) -> "_Outputs":
+        return cls(tuple((tuple(b.shape[:-1]) + (b.stride(-2) if b.dim() > 1 else b.shape[-1],), b.dtype,
+                          b.shape[-1]) for b in bufs))
+
+    def allocate(self, device) -> tuple:
+        out = []
+        for size, dtype, width in self.buffers:
+            buf = torch.empty(size, dtype=dtype, device=device)
+            out.append(buf if size[-1] == width else buf[..., :width])
+        return tuple(out)
+
+
+# Eager calls by input layout: ``(outputs, launch)``, for inputs the kernels read as they are (16-byte rows)
+_EAGER: dict[tuple, tuple] = {}
+
+
+def capture_new(q, k, v, heads: int, scale: float, fmt: formats.MapFormat) -> tuple:
+    """``(out, data, block_max, row_lse)``: attention and its map, in new buffers (an eager call: after the first
+    call of an input layout, the outputs' sizes and the launch come from a table)."""
+    key = ("capture", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, v.device, heads,
+           scale, fmt)
+    found = _EAGER.get(key)
+    if found is not None and q.data_ptr() % ALIGN == 0 and k.data_ptr() % ALIGN == 0 and v.data_ptr() % ALIGN == 0:
+        outputs, launch = found
+        bufs = outputs.allocate(v.device)
+        with _on_device(v.device):
+            _run_capture(launch, (q, k, v, *bufs), heads, scale, fmt, True)  # fresh buffers are aligned
+        return bufs
+    bufs = capture_buffers(q, k, v, heads, fmt)
+    launch = launch_capture(*bufs, q, k, v, heads, scale, fmt)
+    if all(aligned_rows(x) is x for x in (q, k, v)):
+        _EAGER[key] = (_Outputs.of(bufs), launch)
+    return bufs
+
+
+def cached_pv_new(data, block_max, row_lse, v, heads: int, fmt: formats.MapFormat) -> torch.Tensor:
+    """A cached map times ``v`` in a new buffer (an eager call; as :func:`capture_new`)."""
+    key = ("cached_pv", data.shape, v.shape, v.stride(), v.dtype, v.device, heads, fmt)
+    found = _EAGER.get(key)
+    tensors_aligned = (data.data_ptr() % ALIGN == 0 and block_max.data_ptr() % ALIGN == 0
+                       and row_lse.data_ptr() % ALIGN == 0 and v.data_ptr() % ALIGN == 0)
+    if found is not None and tensors_aligned and data.dtype == fmt.op_dtype:
+        outputs, launch = found
+        (out,) = outputs.allocate(v.device)
+        with _on_device(v.device):
+            _run_cached_pv(launch, (data, block_max, row_lse, v, out), heads, fmt, True)
+        return out
+    out = empty_rows(v.shape[0], data.shape[2], v.shape[2], v.dtype, v.device)
+    launch = launch_cached_pv(out, data, block_max, row_lse, v, heads, fmt)
+    if aligned_rows(v) is v and block_max.is_contiguous() and row_lse.is_contiguous():
+        _EAGER[key] = (_Outputs.of((out,)), launch)
+    return out
 
 
 def _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config) -> _Launch:
@@ -196,22 +283,32 @@ def _make_cached_pv(out, data, block_max, row_lse, v, heads, fmt, config) -> _La
         block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
         _units(v.stride(0), v.element_size()), _units(v.stride(1), v.element_size()),
         _units(out.stride(0), o), _units(out.stride(1), o), h, nq, nk, items]
-    variant = selfcheck.Variant.of("cached_pv", fmt, meta, (v.dtype,), _specialised(tk.cached_pv_kernel, values))
+    variant = selfcheck.Variant.of("cached_pv", fmt, meta, (v.dtype, out.dtype), arch,
+                                   _specialised(tk.cached_pv_kernel, values))
     return _Launch.make(tk.cached_pv_kernel, (triton.cdiv(nq, meta["BLOCK_M"]), b * h), values, meta, variant)
 
 
 def launch_capture(out, data, block_max, row_lse, q, k, v, heads: int, scale: float, fmt,
-                   config: Config | None = None) -> None:
+                   config: Config | None = None) -> _Launch:
     """Attention of ``q``, ``k``, ``v`` into ``out``, its map in format ``fmt`` into ``data`` (as for
-    :func:`launch_cached_pv`), ``block_max``, ``row_lse``."""
+    :func:`launch_cached_pv`), ``block_max``, ``row_lse``. Returns the launch (its shape's)."""
     fmt = formats.get(fmt)
     if data.dtype != fmt.op_dtype:
         data = data.view(fmt.op_dtype)
     q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)
     scale = float(scale)
     key = ("capture", fmt.name, config, heads, scale, q.device, *_shape_key(q, k, v, out, data, block_max, row_lse))
-    launch = _launch_for(key, lambda: _make_capture(out, data, block_max, row_lse, q, k, v, heads, scale, fmt, config))
-    selfcheck.run(launch, (q, k, v, out, data, block_max, row_lse),
+    with _on_device(q.device):
+        launch = _launch_for(key, lambda: _make_capture(out, data, block_max, row_lse, q, k, v, heads, scale, fmt,
+                                                        config))
+        _run_capture(launch, (q, k, v, out, data, block_max, row_lse), heads, scale, fmt)
+    return launch
+
+
+def _run_capture(launch: _Launch, tensors: tuple, heads: int, scale: float, fmt,
+                 is_aligned: bool | None = None) -> None:
+    q, k, v, out, data, block_max, row_lse = tensors
+    selfcheck.run(launch, tensors, aligned(tensors) if is_aligned is None else is_aligned,
                   lambda: selfcheck.capture_errors(out, data, block_max, row_lse, q, k, v, heads, scale, fmt,
                                                    launch.block_m),
                   lambda: _capture_reference(out, data, block_max, row_lse, q, k, v, heads, scale, fmt))
@@ -230,7 +327,7 @@ def _make_capture(out, data, block_max, row_lse, q, k, v, heads, scale, fmt, con
         _units(data.stride(0), a), _units(data.stride(1), a), _units(data.stride(2), a),
         block_max.stride(0), block_max.stride(1), row_lse.stride(0), row_lse.stride(1),
         scale * math.log2(math.e), heads, nq, nk, data.shape[-1]]
-    variant = selfcheck.Variant.of("capture", fmt, meta, (q.dtype, k.dtype, v.dtype),
+    variant = selfcheck.Variant.of("capture", fmt, meta, (q.dtype, k.dtype, v.dtype, out.dtype), arch,
                                    _specialised(tk.capture_kernel, values))
     return _Launch.make(tk.capture_kernel, (triton.cdiv(nq, meta["BLOCK_M"]), b * heads), values, meta, variant)
 
@@ -241,17 +338,35 @@ def _specialised(fn, values: list) -> list[int]:
 
 
 def _cached_pv_reference(out, data, block_max, row_lse, v, heads, fmt) -> None:
-    """The PyTorch path into the kernel's output buffer (a variant that failed its check)."""
+    """The PyTorch path into the kernel's output buffer (a variant that failed its check), a batch entry, head and
+    block of rows at a time: a whole map dequantised at once would not fit where maps are largest."""
     from .reference import cached_pv_reference
     from .storage import CachedMap
-    cmap = CachedMap(data.view(fmt.dtype), block_max, row_lse, v.shape[1], fmt)
-    out.copy_(cached_pv_reference(cmap, v, heads))
+    d, nk = v.shape[2] // heads, v.shape[1]
+    for b, h, rows in _pieces(data.shape[0], heads, data.shape[2], nk):
+        cmap = CachedMap(data[b:b + 1, h:h + 1, rows].view(fmt.dtype), block_max[b:b + 1, h:h + 1, :, rows].contiguous(),
+                         row_lse[b:b + 1, h:h + 1, rows].contiguous(), nk, fmt)
+        out[b:b + 1, rows, h * d:(h + 1) * d] = cached_pv_reference(cmap, v[b:b + 1, :, h * d:(h + 1) * d], 1)
 
 
 def _capture_reference(out, data, block_max, row_lse, q, k, v, heads, scale, fmt) -> None:
+    """As :func:`_cached_pv_reference`, for a capture: output and map."""
     from .reference import capture_reference
-    ref_out, cmap = capture_reference(q, k, v, heads, scale, fmt)
-    out.copy_(ref_out)
-    data.copy_(cmap.data.view(data.dtype))
-    block_max.copy_(cmap.block_max)
-    row_lse.copy_(cmap.row_lse)
+    d, nk = q.shape[2] // heads, k.shape[1]
+    for b, h, rows in _pieces(q.shape[0], heads, q.shape[1], nk):
+        cols = slice(h * d, (h + 1) * d)
+        ref_out, cmap = capture_reference(q[b:b + 1, rows, cols], k[b:b + 1, :, cols], v[b:b + 1, :, cols], 1, scale,
+                                          fmt)
+        out[b:b + 1, rows, cols] = ref_out
+        data[b:b + 1, h:h + 1, rows] = cmap.data.view(data.dtype)
+        block_max[b:b + 1, h:h + 1, :, rows] = cmap.block_max
+        row_lse[b:b + 1, h:h + 1, rows] = cmap.row_lse
+
+
+def _pieces(batch: int, heads: int, q_tokens: int, kv_tokens: int):
+    """``(batch entry, head, rows)`` pieces of at most 2²⁴ map entries each (64 MB in fp32)."""
+    step = max(1, (1 << 24) // kv_tokens)
+    for b in range(batch):
+        for h in range(heads):
+            for start in range(0, q_tokens, step):
+                yield b, h, slice(start, min(q_tokens, start + step))

@@ -16,6 +16,7 @@ PyTorch path in that graph, with a warning to run one eager call (or ``python -m
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
@@ -39,6 +40,7 @@ class Variant:
 
     kernel: str
     format: str
+    arch: int  # the compute capability compiled for (90: sm_90a), 0 in the interpreter
     head_dim: int
     tile: tuple[int, int, int, int]  # BLOCK_M, BLOCK_D, BLOCK_D2, key block
     warps: int
@@ -48,9 +50,10 @@ class Variant:
     ints: str  # Triton's specialisation of the integer arguments: 1 (the value 1), D (divisible by 16), . (neither)
 
     @classmethod
-    def of(cls, kernel: str, fmt: formats.MapFormat, meta: dict, dtypes: tuple, ints: list[int]) -> "Variant":
+    def of(cls, kernel: str, fmt: formats.MapFormat, meta: dict, dtypes: tuple, arch: int,
+           ints: list[int]) -> "Variant":
         ints = "".join("1" if v == 1 else "D" if v % 16 == 0 else "." for v in ints)
-        return cls(kernel, fmt.name, meta["HEAD_DIM"], (meta["BLOCK_M"], meta["BLOCK_D"], meta["BLOCK_D2"],
+        return cls(kernel, fmt.name, arch, meta["HEAD_DIM"], (meta["BLOCK_M"], meta["BLOCK_D"], meta["BLOCK_D2"],
                    meta["BLOCK_N"]), meta["num_warps"], meta["num_stages"], tuple(f for f in _FLAGS if meta.get(f)),
                    tuple(str(d).replace("torch.", "") for d in dtypes) + (str(meta["DOT_DTYPE"]),), ints)
 
@@ -58,7 +61,8 @@ class Variant:
         m, d1, d2, n = self.tile
         split = f" split {d1}+{d2}" if d2 else ""
         return (f"{self.kernel} {self.format} maps, d={self.head_dim} ({'/'.join(self.dtypes)}), tile {m}x{n}{split}, "
-                f"{self.warps} warps, {self.stages} stages{', ' + ' '.join(self.flags) if self.flags else ''}")
+                f"{self.warps} warps, {self.stages} stages{', ' + ' '.join(self.flags) if self.flags else ''}, "
+                + (f"sm_{self.arch}" if self.arch else "interpreted"))
 
 
 @dataclass(frozen=True)
@@ -89,17 +93,23 @@ def failures() -> list[Variant]:
     return [v for v, verdict in _VERDICTS.items() if not verdict.ok]
 
 
-def run(launch, tensors: tuple, check: Callable[[], dict], reference: Callable[[], None]) -> None:
-    """Launch ``launch(*tensors)``, or ``reference()`` (the PyTorch path into the same buffers) where the variant
-    failed its check; at the variant's first launch, check it (``check() -> Verdict.errors``)."""
-    variant = launch.variant
+def run(launch, tensors: tuple, aligned: bool, check: Callable[[], dict | None], reference: Callable[[], None]) -> None:
+    """Launch ``launch(tensors, aligned)``, or ``reference()`` (the PyTorch path into the same buffers) where the
+    variant failed its check; at the variant's first launch, check it (``check() -> Verdict.errors``, None when the
+    inputs themselves are not finite: no verdict then, the next call checks). ``aligned``: every pointer 16-byte
+    aligned (Triton compiles another variant otherwise)."""
+    verdict = launch.verdict
+    if aligned and verdict is not None and verdict.ok:  # the common case: checked and right
+        launch(tensors, aligned)
+        return
+    variant = launch.variant_of(aligned)
     verdict = _VERDICTS.get(variant)
     if verdict is not None:
-        (launch(*tensors) if verdict.ok else reference())
+        launch(tensors, aligned) if verdict.ok else reference()
         return
     device = tensors[0].device
     if device.type == "meta":  # compiled for a target, never run (bench/launches.py)
-        launch(*tensors)
+        launch(tensors, aligned)
         return
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         _warn_once(("graph", variant), f"attnreuse: kernel variant {variant} was first met inside CUDA-graph capture, "
@@ -107,16 +117,25 @@ def run(launch, tensors: tuple, check: Callable[[], dict], reference: Callable[[
                    "`python -m attnreuse warmup`) before capturing graphs, so the kernel runs in them")
         reference()
         return
-    launch(*tensors)
     t0 = time.perf_counter()
-    verdict = Verdict(check(), time.perf_counter() - t0, _device_name(device))
+    try:
+        launch(tensors, aligned)
+    except Exception as e:  # noqa: BLE001 (a compile error or resources the GPU lacks: a variant that cannot run)
+        errors = {f"launch ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})": (math.inf, 0.0)}
+    else:
+        errors = check()
+        if errors is None:
+            return
+    verdict = Verdict(errors, time.perf_counter() - t0, _device_name(device))
     with _LOCK:
-        _VERDICTS.setdefault(variant, verdict)
+        verdict = _VERDICTS.setdefault(variant, verdict)
+    if aligned:
+        launch.verdict = verdict
     if not verdict.ok:
-        _warn_once(variant, f"attnreuse: the Triton kernel {variant} computed a wrong result on {verdict.device} "
-                   f"with Triton {_triton_version()} ({verdict}, against the PyTorch reference); this call and every "
-                   "later one of this variant run the PyTorch path instead (correct, slower). Please report it with "
-                   "this message")
+        _warn_once(variant, f"attnreuse: the Triton kernel {variant} failed its check on {verdict.device} with Triton "
+                   f"{_triton_version()} ({verdict}, against the PyTorch reference); this call and every later one "
+                   "of this variant run the PyTorch path instead (correct, slower). Please report it with this "
+                   "message")
         reference()
 
 
@@ -168,11 +187,13 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def cached_pv_errors(out, data, block_max, row_lse, v, heads: int, fmt: formats.MapFormat, block_m: int) -> dict:
-    """A ``cached_pv`` launch against the product of the map it was given."""
+    """A ``cached_pv`` launch against the product of the map it was given (None: that product is not finite)."""
     b, h, nq, _ = data.shape
     d = v.shape[2] // heads
     s = _Slice(b, h, nq, block_m, v.device)
     ref = cached_pv_reference(s.map(data, block_max, row_lse, v.shape[1], fmt), s.heads(v, d, rows=False), 1)
+    if not torch.isfinite(ref).all():  # the inputs: nothing to say about the kernel
+        return None
     return {"output": (_rel(s.heads(out, d), ref), OUTPUT_TOL)}
 
 
@@ -186,6 +207,8 @@ def capture_errors(out, data, block_max, row_lse, q, k, v, heads: int, scale: fl
     vs = s.heads(v, d, rows=False)
     probs = (s.heads(q, d) @ s.heads(k, d, rows=False).transpose(1, 2) * scale).softmax(-1)
     exact = probs @ vs
+    if not torch.isfinite(exact).all():  # the inputs: nothing to say about the kernel
+        return None
     kernel_map = s.map(data, block_max, row_lse, nk, fmt)
     stats_ok = bool(torch.isfinite(kernel_map.row_lse).all() and not torch.isnan(kernel_map.block_max).any()
                     and not torch.isposinf(kernel_map.block_max).any())

@@ -79,9 +79,7 @@ class CachedMap:
         """A map the kernels just wrote into buffers laid out for it: right by construction, so not checked again
         (a capture's host time counts in an eager UNet)."""
         cmap = object.__new__(cls)
-        for name, value in (("data", data), ("block_max", block_max), ("row_lse", row_lse), ("kv_tokens", kv_tokens),
-                            ("format", fmt)):
-            object.__setattr__(cmap, name, value)
+        cmap.__dict__.update(data=data, block_max=block_max, row_lse=row_lse, kv_tokens=kv_tokens, format=fmt)
         return cmap
 
     @property

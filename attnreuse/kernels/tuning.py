@@ -78,7 +78,7 @@ def cached_pv_config(head_dim: int, q_tokens: int, kv_tokens: int, fmt: MapForma
 
     if stages(block_m) < 2:
         block_m = 64
-    return _split_if_pipelined(Config(block_m, warps, stages(block_m)))
+    return _split_if_pipelined(Config(block_m, warps, stages(block_m), split_d=True))
 
 
 def capture_config(head_dim: int, q_tokens: int, kv_tokens: int, fmt: MapFormat, arch: int = 90) -> Config:
@@ -94,7 +94,7 @@ def capture_config(head_dim: int, q_tokens: int, kv_tokens: int, fmt: MapFormat,
     big = q_tokens > 1024 and block_d(head_dim) <= 64 and whole
     stage = 2 * KEY_BLOCK * sum(split_block_d(head_dim)) * 2
     warps = 8 if big or not whole else 4
-    return _split_if_pipelined(Config(128 if big else 64, warps, _stages(2, stage, arch, kv_tokens)))
+    return _split_if_pipelined(Config(128 if big else 64, warps, _stages(2, stage, arch, kv_tokens), split_d=True))
 
 
 def _split_if_pipelined(config: Config) -> Config:
@@ -102,13 +102,14 @@ def _split_if_pipelined(config: Config) -> Config:
     the second dot of a one-stage loop from registers nothing wrote (wrong output or an illegal address in
     cross-attention at d = 40 and 80 on Hopper); two stages split, or one stage unsplit, compile clean with every
     ptxas in the supported range (bench/launches.py scans every launch)."""
-    return replace(config, split_d=config.num_stages > 1)
+    return replace(config, split_d=config.split_d and config.num_stages > 1)
 
 
 RULES = {"cached_pv": cached_pv_config, "capture": capture_config}
 
-# Named alternatives to the rule, for a sweep on the device: f(rule config) -> config.
-VARIANTS = {
+# Named alternatives to the rule, for a sweep on the device: f(rule config) -> config (a split head dim kept to
+# pipelined loops, as in the rule).
+_VARIANTS = {
     "cached_pv": {
         "rule": lambda c: c,
         "m64": lambda c: replace(c, block_m=64),
@@ -125,3 +126,5 @@ VARIANTS = {
         "stages+1": lambda c: replace(c, num_stages=c.num_stages + 1),
     },
 }
+VARIANTS = {kernel: {name: (lambda c, f=f: _split_if_pipelined(f(c))) for name, f in fs.items()}
+            for kernel, fs in _VARIANTS.items()}
