@@ -66,7 +66,7 @@ class Generation:
         """The current step's kind; None past the last step, or ended. Kept as its name: torch.compile guards a
         string attribute by value, while its guard on the enum attribute went missing from the UNet's forward when
         the first patched layer's plan said compute (one compiled graph then replayed for every step kind)."""
-        return None if self.kind_name is None else Action(self.kind_name)
+        return _ACTIONS[self.kind_name]
 
     @kind.setter
     def kind(self, action: Action | None) -> None:
@@ -151,6 +151,9 @@ class Generation:
     def __repr__(self) -> str:
         return (f"Generation(schedule={to_string(self.schedule)}, step={self.step_index}, "
                 f"kind={None if self.kind is None else self.kind.value}, call={self.call})")
+
+
+_ACTIONS = {None: None, **{a.value: a for a in Action}}
 
 
 class _ThreadState(threading.local):

@@ -81,27 +81,31 @@ def _recording(archs: list[int], found: dict, who: list):
                                         "kwargs": {k: _encode(v) for k, v in kwargs.items()}, "made_by": []})
         launch["made_by"].append(who[0])
 
-    def per_target(launch):
+    def per_target(call):
         def each(*args, **kwargs):
             for arch in archs:
                 driver.set_active(FakeDriver(arch))
                 launchers._LAUNCHES.clear()  # launch constants follow the target's config rule
-                launch(*args, **kwargs)
+                launchers._EAGER.clear()
+                result = call(*args, **kwargs)
+            return result
         return each
 
     previous = driver._active
-    originals = custom_ops.launch_cached_pv, custom_ops.launch_capture
+    originals = custom_ops.cached_pv, custom_ops.capture  # the eager calls api makes
     jit.JITFunction.run = record
-    custom_ops.launch_cached_pv, custom_ops.launch_capture = map(per_target, originals)
+    custom_ops.cached_pv, custom_ops.capture = map(per_target, originals)
     api.KERNEL_DEVICES.add("meta")
     try:
         yield
     finally:
         jit.JITFunction.run = run
-        custom_ops.launch_cached_pv, custom_ops.launch_capture = originals
+        custom_ops.cached_pv, custom_ops.capture = originals
         driver._active = previous
         api.KERNEL_DEVICES.discard("meta")
+        api._ROUTES.clear()  # meta tensors' routes were the kernels only in here
         launchers._LAUNCHES.clear()
+        launchers._EAGER.clear()
 
 
 def record(archs) -> list[dict]:

@@ -101,8 +101,8 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
     """
     compiling = torch.compiler.is_compiling()
     key = None if compiling or mask is not None else (
-        "capture", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, heads,
-        map_format, backend)
+        "capture", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+        k.device, v.device, heads, scale, map_format, backend)
     route = _ROUTES.get(key) if key is not None else None
     if route is None:
         route = _capture_route(q, k, v, heads, map_format, mask, backend)
@@ -113,7 +113,7 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
         if compiling or _needs_grad(q, k, v):  # the ops, registered by backend_available's import
             out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
             return out, CachedMap(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
-        out, data, block_max, row_lse = _ops().capture(q, k, v, heads, scale, fmt)
+        out, data, block_max, row_lse = _ops().capture(q, k, v, heads, scale, fmt, key)
         return out, CachedMap.laid_out(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
     return capture_reference(q, k, v, heads, scale, fmt, mask)
 
@@ -134,7 +134,7 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
     compiling = torch.compiler.is_compiling()
     data = cmap.data
     key = None if compiling else ("cached_pv", data.shape, data.dtype, data.device, cmap.kv_tokens, cmap.format,
-                                  v.shape, v.dtype, v.device, heads, backend)
+                                  v.shape, v.stride(), v.dtype, v.device, heads, backend)
     triton_path = _ROUTES.get(key) if key is not None else None
     if triton_path is None:
         triton_path = _cached_pv_route(cmap, v, heads, backend)
@@ -145,7 +145,7 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
         data = data.view(fmt.op_dtype)
         if compiling or _needs_grad(v):  # the ops, registered by backend_available's import
             return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, fmt.name)
-        return _ops().cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, fmt)
+        return _ops().cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, fmt, key)
     return cached_pv_reference(cmap, v, heads)
 
 
@@ -163,5 +163,6 @@ def _cached_pv_route(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str)
     return _use_triton(backend, (v,), heads, cmap.format)
 
 
-# Each input layout's checks, made once (eager calls): the route they gave (shape errors raise, never cached)
+# Each input layout's checks, made once (eager calls): the route they gave (shape errors raise, never cached). The
+# key also names the layout's launch in the launchers' table.
 _ROUTES: dict[tuple, object] = {}

@@ -232,11 +232,12 @@ class _Outputs:
 _EAGER: dict[tuple, tuple] = {}
 
 
-def capture_new(q, k, v, heads: int, scale: float, fmt: formats.MapFormat) -> tuple:
+def capture_new(q, k, v, heads: int, scale: float, fmt: formats.MapFormat, key: tuple | None = None) -> tuple:
     """``(out, data, block_max, row_lse)``: attention and its map, in new buffers (an eager call: after the first
-    call of an input layout, the outputs' sizes and the launch come from a table)."""
-    key = ("capture", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, v.device, heads,
-           scale, fmt)
+    call of an input layout, the outputs' sizes and the launch come from a table). ``key``: the layout's, if the
+    caller has one (shapes, strides, dtypes, devices, heads, scale, format)."""
+    key = key or ("capture", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+                  v.dtype, q.device, k.device, v.device, heads, scale, fmt)
     found = _EAGER.get(key)
     if found is not None and q.data_ptr() % ALIGN == 0 and k.data_ptr() % ALIGN == 0 and v.data_ptr() % ALIGN == 0:
         outputs, launch = found
@@ -251,9 +252,11 @@ def capture_new(q, k, v, heads: int, scale: float, fmt: formats.MapFormat) -> tu
     return bufs
 
 
-def cached_pv_new(data, block_max, row_lse, v, heads: int, fmt: formats.MapFormat) -> torch.Tensor:
+def cached_pv_new(data, block_max, row_lse, v, heads: int, fmt: formats.MapFormat,
+                  key: tuple | None = None) -> torch.Tensor:
     """A cached map times ``v`` in a new buffer (an eager call; as :func:`capture_new`)."""
-    key = ("cached_pv", data.shape, v.shape, v.stride(), v.dtype, v.device, heads, fmt)
+    key = key or ("cached_pv", data.shape, data.dtype, data.device, v.shape, v.stride(), v.dtype, v.device, heads,
+                  fmt)
     found = _EAGER.get(key)
     tensors_aligned = (data.data_ptr() % ALIGN == 0 and block_max.data_ptr() % ALIGN == 0
                        and row_lse.data_ptr() % ALIGN == 0 and v.data_ptr() % ALIGN == 0)
