@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session, correctness first: about 5 minutes on a fresh machine, compilation included. Every stage runs under
-# its own timeout and writes to $OUT as it goes; a stage that fails, crashes or times out never stops the next.
+# One GPU session, correctness first: the correctness matrix and the GPU tests within 4 minutes on a fresh machine,
+# compilation included, the timings after them within 7 in all (each stage's limit). Every stage runs under its own
+# timeout and writes to $OUT as it goes; a stage that fails, crashes or times out never stops the next.
 #
 #   1. correctness matrix (bench/correctness.py): every shipped shape class x map format x fp16/bf16 activations,
 #      each case in its own process with CUDA_LAUNCH_BLOCKING=1, for the landed kernels (.baseline/, if
@@ -55,17 +56,17 @@ stage() {  # stage NAME SECONDS COMMAND...: run under a timeout, log to $out/NAM
 
 trees=(--tree .)
 [ -d .baseline ] && trees=(--tree .baseline --tree .)
-stage correctness 150 python bench/correctness.py "${trees[@]}" --jobs 14 --timeout 90 --out "$out"
-stage tests 100 python -m pytest -q -x -rf tests/test_kernels.py tests/test_selfcheck.py tests/test_gpu.py \
+stage correctness 140 python bench/correctness.py "${trees[@]}" --jobs 14 --timeout 90 --out "$out"
+stage tests 90 python -m pytest -q -x -rf tests/test_kernels.py tests/test_selfcheck.py tests/test_gpu.py \
     tests/test_compile_gpu.py
-stage warmup 45 python -m attnreuse warmup --model sd15 --resolution 512 --cache-dtype fp8 fp4 --modes eager graphed
-stage host 20 python bench/host_overhead.py --device cuda --calls 500
+stage warmup 40 python -m attnreuse warmup --model sd15 --resolution 512 --cache-dtype fp8 fp4 --modes eager graphed
+stage host 15 python bench/host_overhead.py --device cuda --calls 500
 if [ -d .baseline ]; then
     stage kernels_landed 30 env PYTHONPATH=".baseline:${PYTHONPATH:-}" python .baseline/bench/kernel_table.py \
         --shapes sd15_64x64_self sdxl_64x64_self --no-generation --json "$out/kernels_landed.json"
 fi
-stage kernels 40 python bench/kernel_table.py --fp4 --no-generation --json "$out/kernels.json"
-stage e2e 100 python bench/e2e.py --json "$out/e2e.json" --cases sd15:512 sd15:1024 sdxl:1024 --reps 10
+stage kernels 35 python bench/kernel_table.py --fp4 --no-generation --json "$out/kernels.json"
+stage e2e 90 python bench/e2e.py --json "$out/e2e.json" --cases sd15:512 sd15:1024 sdxl:1024 --reps 10
 
 echo
 cat "$out/stages.txt"
