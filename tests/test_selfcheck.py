@@ -20,6 +20,12 @@ SHAPE = (1, 2, 40, 150, 40)  # a ragged last row tile and key block
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on a CPU, the compiled kernels on a GPU
 
 
+def inject(monkeypatch, tmp_path: Path, kernel: str, old: str, new: str) -> None:
+    """Launch ``kernel`` (``"cached_pv_kernel"``, ``"capture_kernel"``) with ``old`` replaced by ``new`` in its
+    source from now on."""
+    monkeypatch.setattr(tk, kernel, getattr(kernels_with(tmp_path, old, new), kernel))
+
+
 def kernels_with(tmp_path: Path, old: str, new: str):
     """attnreuse's Triton kernels with one line changed, as a module of their own (Triton reads kernel source)."""
     source = Path(tk.__file__).read_text()
@@ -73,9 +79,8 @@ def test_a_correct_kernel_passes_its_check_once(fresh, monkeypatch):
 @pytest.mark.wrong_kernel
 def test_a_wrong_output_warns_once_and_the_pytorch_path_takes_over(fresh, monkeypatch, tmp_path):
     b, h, nq, nk, d = SHAPE
-    broken = kernels_with(tmp_path, "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)",
-                          "out_scale = 1.25 * INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)")
-    monkeypatch.setattr(tk, "cached_pv_kernel", broken.cached_pv_kernel)
+    inject(monkeypatch, tmp_path, "cached_pv_kernel", "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)",
+           "out_scale = 1.25 * INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)")
     q, k, v = random_qkv(SHAPE, seed=2, device=DEVICE)
     p = probs64(q, k, h, d ** -0.5)
     cmap = CachedMap.from_probs(p, "fp16")
@@ -103,9 +108,8 @@ def test_a_nan_map_is_caught_although_the_output_is_right(fresh, monkeypatch, tm
     """What Triton 3.6's ptxas did to the 4-bit capture on an H200: the output right, the map's row statistics
     NaN, so every reuse NaN."""
     b, h, nq, nk, d = SHAPE
-    broken = kernels_with(tmp_path, "    lse = m_i + tl.math.log2(",
-                          "    lse = float('nan') + m_i + tl.math.log2(")
-    monkeypatch.setattr(tk, "capture_kernel", broken.capture_kernel)
+    inject(monkeypatch, tmp_path, "capture_kernel", "    lse = m_i + tl.math.log2(",
+           "    lse = float('nan') + m_i + tl.math.log2(")
     q, k, v = random_qkv(SHAPE, seed=3, device=DEVICE)
     p = probs64(q, k, h, d ** -0.5)
     bufs = capture_buffers(q, k, v, h, "fp4")
@@ -158,9 +162,8 @@ def test_a_variant_that_cannot_compile_runs_the_pytorch_path(fresh, monkeypatch,
     """A compile error (or, on a GPU, resources the chip lacks) at a variant's first launch: a warning, the PyTorch
     path's result, never a crash."""
     b, h, nq, nk, d = SHAPE
-    broken = kernels_with(tmp_path, "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)",
-                          "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT) + tl.undefined_name")
-    monkeypatch.setattr(tk, "cached_pv_kernel", broken.cached_pv_kernel)
+    inject(monkeypatch, tmp_path, "cached_pv_kernel", "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT)",
+           "out_scale = INV_TOP * _decoded_scale(MAP_FORMAT, FP8_CVT) + tl.undefined_name")
     q, k, v = random_qkv(SHAPE, seed=5, device=DEVICE)
     p = probs64(q, k, h, d ** -0.5)
     with pytest.warns(RuntimeWarning, match=r"launch \("):
