@@ -1,21 +1,26 @@
 """Host time per attention call: attnreuse's processor and launch path against diffusers' AttnProcessor2_0.
 
-    python bench/host_overhead.py [--calls 2000] [--profile]     # on the CPU: host work only, launches no-ops
-    python bench/host_overhead.py --device cuda                   # on a GPU: real launches, back to back
+    python bench/host_overhead.py [--calls 2000] [--profile capturing]   # on the CPU: host work, launches no-ops
+    python bench/host_overhead.py --device cuda                         # on a GPU: real launches, back to back
 
 An eager UNet on a fast GPU is bound by the host: what a patched layer costs there is the Python and dispatch
-work before its kernels start. This measures that work alone, on the CPU: an SD1.5 self-attention layer (8 heads
-of 40) on one token per image (batch 2), in fp32 (the CPU's fp16 matmuls are slow arithmetic, not host work; the
-kernels' path is forced to take fp32 here), so that every torch op runs its dispatch with next to no arithmetic, called
-as an unpatched layer (AttnProcessor2_0) and as attnreuse's computing, capturing and reusing calls, with the kernel
-launch itself (SDPA, or the Triton kernel's launch: its first-use check included) replaced by a no-op in every
-case. Prints µs per call (the fastest of 7 rounds of ``--calls`` calls) and, with ``--profile``, where a reuse call's
-time goes. ``--device cuda``: the same calls with their real kernels, fp16, 64 tokens per image (the GPU never the
-bottleneck): wall time of back-to-back calls, synchronised at the end, is the host time per call.
+work before its kernels start. This measures that work on the CPU: an SD1.5 self-attention layer (8 heads of 40)
+called as a UNet calls it (``layer(x)``: diffusers' ``Attention.forward``, then its processor) on one token per
+image (batch 2), in fp32 on one thread, its input 8 wide (the projections dispatch as at 320 wide with a tenth of
+the arithmetic), as an unpatched layer (AttnProcessor2_0) and as attnreuse's computing, capturing and reusing
+calls. The kernel launch itself is a no-op in every case: SDPA (its whole call) for the unpatched layer, Triton's
+compiled launcher for attnreuse (everything before it runs: checks, allocation, the launch table). Rounds of
+``--calls`` calls of each kind are taken in turn; the fastest round of each is printed, in µs per call and against
+the unpatched call. ``--profile KIND`` shows where that kind of call's time goes. ``--device cuda``: the same calls
+with their real kernels, fp16, 64 tokens per image (the GPU never the bottleneck): wall time of back-to-back
+calls, synchronised at the end, is the host time per call. ``--direct``: the processors alone, without
+``Attention.forward`` (which inspects its processor's signature at every call).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import cProfile
 import pstats
 import sys
@@ -39,40 +44,69 @@ from attnreuse.schedule import as_schedule_object
 from bench.sass import FakeDriver
 
 SHAPE = dict(batch=2, heads=8, head_dim=40)  # SD1.5's largest layer's heads
+# The layer's input width on the CPU: the projections dispatch as at 320, with ~1 µs of arithmetic instead of ~10
+QUERY_DIM = 8
 
 
 def _noop_sdpa(q, k, v, *args, **kwargs):
     return torch.empty_like(q)
 
 
-def _noop_launch(launch, tensors, aligned, check, reference):  # run()'s checked path, the arguments laid out, no launch
-    assert aligned and (launch.verdict is None or launch.verdict.ok)
-    args = list(launch.args)
-    for i, t in zip(launch.tensors, tensors):
-        args[i] = t
+def _first_launch(launch, tensors, aligned, check, reference):
+    """A launch shape's first launch (the JIT's, with its check), here: compiled and checked, without compiling."""
+    launch.compiled = _CompiledNoop()
+    launch.checked(selfcheck.Verdict({}, 0.0, "no device"))
 
 
-def per_call_us(fn, calls: int, sync=lambda: None) -> float:
-    for _ in range(10):
-        fn()
-    rounds = []
-    for _ in range(7):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(calls):
+class _CompiledNoop:
+    """A compiled kernel whose launcher does nothing: every call before it runs as on a GPU."""
+
+    function = packed_metadata = None
+
+    def launch_metadata(self, grid, stream, *args):  # as Triton's, with no launch hook set
+        return None
+
+    def run(self, *args):
+        pass
+
+
+def per_call_us(fns: dict, calls: int, sync=lambda: None, rounds: int = 9) -> dict:
+    """µs per call of each of ``fns``: rounds of ``calls`` calls taken in turn (a drift of the machine touches every
+    kind alike), the fastest round of each (host work has no reason to be slower than its least disturbed round)."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        for _ in range(10):
             fn()
-        sync()
-        rounds.append((time.perf_counter() - t0) / calls * 1e6)
-    return min(rounds)  # the least disturbed round: host work has no reason to be slower than that
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e6)
+    return best
 
 
-def calls(fmt: str = "fp8", device: str = "cpu", tokens: int = 1, dtype=torch.float32):
-    """``{name: zero-argument call}``: the unpatched layer and attnreuse's three kinds of call."""
+def report(times: dict) -> None:
+    base = next(iter(times.values()))
+    for name, us in times.items():
+        print(f"{name:30} {us:7.1f} µs per call  ({us - base:+5.1f} µs, {us / base:.2f}× unpatched)")
+
+
+def calls(fmt: str = "fp8", device: str = "cpu", tokens: int = 1, dtype=torch.float32, query_dim: int | None = None,
+          direct: bool = False):
+    """``{name: zero-argument call}``: the unpatched layer and attnreuse's three kinds of call, as a UNet makes them
+    (``layer(x)``), or with ``direct`` the processors alone (``processor(layer, x)``). ``query_dim``: the layer's
+    input width (default heads × head dim); the projections' dispatch does not depend on it. On the CPU every
+    launch is a no-op, its first one included (nothing compiles)."""
     b, h, d = SHAPE["batch"], SHAPE["heads"], SHAPE["head_dim"]
+    query_dim = query_dim or h * d
     with torch.device(device):
-        attn = Attention(query_dim=h * d, heads=h, dim_head=d).to(dtype)
-    x = torch.randn(b, tokens, h * d, device=device, dtype=dtype)
+        attn = Attention(query_dim=query_dim, heads=h, dim_head=d).to(dtype)
+    x = torch.randn(b, tokens, query_dim, device=device, dtype=dtype)
     plain = AttnProcessor2_0()
+    attn.processor = plain
     policies = {"layer": LayerPolicy(True, formats.get(fmt))}
 
     def patched(schedule: str, step: int):
@@ -82,13 +116,16 @@ def calls(fmt: str = "fp8", device: str = "cpu", tokens: int = 1, dtype=torch.fl
         proc = MapReuseProcessor("layer", plain, clock, "auto")
         gen = clock.begin(len(schedule))
         gen.policies = policies
-        if step:
-            gen.hold(step - 1)
-            proc(attn, x)  # the maps the step reuses
-        gen.hold(step)
-        return lambda: proc(attn, x)
+        layer = copy.deepcopy(attn)
+        layer.processor = proc
+        first = mock.patch.object(selfcheck, "run", _first_launch) if device == "cpu" else contextlib.nullcontext()
+        with first:
+            for held in sorted({max(step - 1, 0), step}):  # the maps a reuse step reads, the launch shapes
+                gen.hold(held)
+                layer(x)
+        return (lambda: proc(layer, x)) if direct else (lambda: layer(x))
 
-    return {"unpatched (AttnProcessor2_0)": lambda: plain(attn, x),
+    return {"unpatched (AttnProcessor2_0)": (lambda: plain(attn, x)) if direct else (lambda: attn(x)),
             "attnreuse computing call": patched("11", 0), "attnreuse capturing call": patched("10", 0),
             "attnreuse reusing call": patched("10", 1)}
 
@@ -97,39 +134,37 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--format", default="fp8", choices=formats.kernel_formats())
-    ap.add_argument("--profile", action="store_true", help="cProfile a reuse call's path")
+    ap.add_argument("--profile", choices=("computing", "capturing", "reusing"),
+                    help="cProfile that kind of call's path")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--direct", action="store_true", help="call the processors alone, not the layers' forward")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         return on_gpu(args)
     from triton.runtime.driver import driver
+    torch.set_num_threads(1)  # no thread pool to wake per op
+    torch.set_flush_denormal(True)  # no-op launches leave outputs unwritten: no slow denormal arithmetic on them
     driver.set_active(FakeDriver(90))  # launch constants for an H100/H200, as on one
     with mock.patch.object(F, "scaled_dot_product_attention", _noop_sdpa), \
-            mock.patch.object(selfcheck, "run", _noop_launch), mock.patch.object(api, "backend_available", lambda: True), \
+            mock.patch.object(api, "backend_available", lambda: True), \
             mock.patch.object(api, "KERNEL_DEVICES", {"cuda", "cpu"}), \
             mock.patch.dict(api.VALUE_DTYPES, fp32=torch.float32), torch.no_grad():
-        fns = calls(args.format)
-        base = None
-        for name, fn in fns.items():
-            us = per_call_us(fn, args.calls)
-            base = base or us
-            print(f"{name:30} {us:7.1f} µs per call  ({us / base:.2f}× unpatched)")
+        fns = calls(args.format, query_dim=QUERY_DIM, direct=args.direct)
+        report(per_call_us(fns, args.calls))
         if args.profile:
             profile = cProfile.Profile()
-            profile.runcall(lambda: [fns["attnreuse reusing call"]() for _ in range(args.calls)])
+            fn = fns[f"attnreuse {args.profile} call"]
+            profile.runcall(lambda: [fn() for _ in range(args.calls)])
             pstats.Stats(profile).sort_stats("tottime").print_stats(14)
-    print(f"{dict(SHAPE, tokens=1)}, {args.format} maps, on the CPU: host work, every kernel launch a no-op")
+    print(f"{dict(SHAPE, tokens=1, query_dim=QUERY_DIM)}, {args.format} maps, on the CPU, one thread, "
+          f"{'processors alone' if args.direct else 'layer calls'}: host work, every kernel launch a no-op")
     return 0
 
 
 def on_gpu(args) -> int:
     with torch.no_grad():
-        fns = calls(args.format, "cuda", tokens=64, dtype=torch.float16)
-        base = None
-        for name, fn in fns.items():
-            us = per_call_us(fn, args.calls, torch.cuda.synchronize)
-            base = base or us
-            print(f"{name:30} {us:7.1f} µs per call  ({us / base:.2f}× unpatched)")
+        fns = calls(args.format, "cuda", tokens=64, dtype=torch.float16, direct=args.direct)
+        report(per_call_us(fns, args.calls, torch.cuda.synchronize))
     print(f"{torch.cuda.get_device_name()}, {dict(SHAPE, tokens=64)}, fp16, {args.format} maps: back-to-back wall time")
     return 0
 

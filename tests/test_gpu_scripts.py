@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,8 +31,9 @@ def test_correctness_matrix_runs_each_case_in_its_own_process(tmp_path):
         assert 0 < r["capture_err"] < 2e-2 and 0 < r["cached_pv_err"] < 0.25
 
 
-def test_host_overhead_benchmark_runs():
-    printed = run("bench/host_overhead.py", "--calls", "20")
+@pytest.mark.parametrize("how", [(), ("--direct",)])
+def test_host_overhead_benchmark_runs(how):
+    printed = run("bench/host_overhead.py", "--calls", "20", *how)
     lines = [line for line in printed.splitlines() if "µs per call" in line]
     assert [line.split("  ")[0].strip() for line in lines] == [
         "unpatched (AttnProcessor2_0)", "attnreuse computing call", "attnreuse capturing call",

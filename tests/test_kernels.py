@@ -1,12 +1,15 @@
 """Triton kernels against float64 math (Triton's interpreter on the CPU, the real thing on a GPU)."""
 from __future__ import annotations
 
+import io
 import re
+from copy import deepcopy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from attnreuse.kernels import KEY_BLOCK, CachedMap, cached_pv, capture, formats
+from attnreuse.kernels import KEY_BLOCK, CachedMap, cached_pv, capture, formats, storage_nbytes
 from attnreuse.kernels.storage import data_shape, num_blocks
 from attnreuse.kernels import custom_ops
 from attnreuse.kernels.custom_ops import cached_pv_op, capture_op
@@ -273,3 +276,54 @@ def test_e2m2_decode_ptx_matches_the_integer_path_for_every_byte():
                 assert pair == lo | hi << 16
                 halves = torch.tensor([lo, hi], dtype=torch.int32).to(torch.int16).view(torch.float16)
                 assert torch.equal(halves.float() * 2.0 ** 14, values[[word[i] & 15, word[i] >> 4]])
+
+
+def test_eager_calls_launch_on_the_addresses_the_jit_path_passes(monkeypatch):
+    """After an input layout's first call, eager calls launch the compiled kernel directly; a capture's map lies in
+    one buffer and is passed as addresses into it: those of the tensors the map reads as, which the JIT path
+    (every kernel test above) passes."""
+    from attnreuse.kernels import api, launchers
+    monkeypatch.setattr(api, "_use_triton", lambda *args: True)  # the Triton path on CPU tensors (interpreter)
+    monkeypatch.setattr(api, "_ROUTES", {})
+    monkeypatch.setattr(launchers, "_EAGER", {})
+    q, k, v = random_qkv((2, 2, 37, 150, 40), device=DEVICE)
+    out, cmap = capture(q, k, v, 2, 0.25, "fp8")  # through the JIT, checked
+    reused = cached_pv(cmap, v, 2)
+    assert len(launchers._EAGER) == 2 and all(not e.launch.ready for e in launchers._EAGER.values())
+    ref = out64(probs64(q, k, 2, 0.25), v, 2)
+    assert rel_err(out, ref) < 2e-3 and rel_err(reused, ref) < 3e-2
+
+    passed = []
+
+    class Compiled:  # what the direct path hands Triton's launcher, recorded instead of launched
+        function = packed_metadata = None
+
+        def launch_metadata(self, *args):
+            return None
+
+        def run(self, *args):
+            passed.append(args[9:])  # grid (3), stream, function, metadata, launch metadata, hooks (2); then the args
+
+    no_gpu = SimpleNamespace(get_current_stream=lambda index: 0)
+    monkeypatch.setattr(launchers, "driver", SimpleNamespace(active=no_gpu))
+    for eager in launchers._EAGER.values():
+        eager.launch.compiled = Compiled()
+        eager.launch.checked(eager.launch.verdict)
+        assert eager.launch.ready
+    out2, cmap2 = capture(q, k, v, 2, 0.25, "fp8")
+    reused2 = cached_pv(cmap, v, 2)
+    (captured, multiplied) = passed
+    launch = {e.launch.fn.__name__: e.launch for e in launchers._EAGER.values()}
+    assert captured[:7] == (q, k, v, out2, cmap2.data.data_ptr(), cmap2.block_max.data_ptr(), cmap2.row_lse.data_ptr())
+    assert multiplied[:5] == (cmap.data.data_ptr(), cmap.block_max.data_ptr(), cmap.row_lse.data_ptr(), v, reused2)
+    assert list(captured[7:]) == launch["capture_kernel"].args[7:]
+    assert list(multiplied[5:]) == launch["cached_pv_kernel"].args[5:]
+    assert cmap2.layout is cmap.layout and cmap.nbytes == storage_nbytes(2, 2, 37, 150, "fp8") <= cmap.buffer.numel()
+    CachedMap(cmap.data, cmap.block_max, cmap.row_lse, 150, cmap.format)  # the views are what a map's tensors must be
+
+    saved = io.BytesIO()
+    torch.save(cmap, saved)  # its buffer alone: torch.save refuses views of one storage in several dtypes
+    saved.seek(0)
+    for copy in (torch.load(saved, weights_only=False), deepcopy(cmap)):
+        assert copy.buffer.data_ptr() != cmap.buffer.data_ptr() and copy.layout == cmap.layout
+        assert torch.equal(copy.dequantize(), cmap.dequantize())

@@ -11,7 +11,7 @@ import pytest
 import torch
 import triton
 
-from attnreuse.kernels import CachedMap, launchers, selfcheck
+from attnreuse.kernels import CachedMap, api, launchers, selfcheck
 from attnreuse.kernels import triton_kernels as tk
 from attnreuse.kernels.launchers import capture_buffers, empty_rows, launch_cached_pv, launch_capture
 from tests.helpers import out64, probs64, random_qkv, rel_err
@@ -44,6 +44,8 @@ def fresh(monkeypatch):
     monkeypatch.setattr(selfcheck, "_VERDICTS", {})
     monkeypatch.setattr(selfcheck, "_WARNED", set())
     monkeypatch.setattr(launchers, "_LAUNCHES", {})
+    monkeypatch.setattr(launchers, "_EAGER", {})
+    monkeypatch.setattr(api, "_ROUTES", {})
 
 
 def launches(monkeypatch) -> list:
@@ -128,9 +130,7 @@ def test_a_nan_map_is_caught_although_the_output_is_right(fresh, monkeypatch, tm
 def test_warmup_prints_one_line_per_variant(fresh, monkeypatch, capsys):
     """``python -m attnreuse warmup``'s checks, on tiny shapes in the interpreter."""
     from attnreuse import warmup
-    from attnreuse.kernels import api
     monkeypatch.setattr(api, "KERNEL_DEVICES", {"cuda", DEVICE})
-    monkeypatch.setattr(api, "_ROUTES", {})  # routes decided before this patch
     monkeypatch.setattr(api, "backend_available", lambda: True)
     monkeypatch.setattr(warmup, "attention_shapes", lambda *a: {(1, 2, 40, 150, 40): 2, (1, 2, 40, 77, 40): 2,
                                                                  (1, 2, 16, 16, 160): 1})
@@ -169,3 +169,13 @@ def test_a_variant_that_cannot_compile_runs_the_pytorch_path(fresh, monkeypatch,
     with pytest.warns(RuntimeWarning, match=r"launch \("):
         out = reuse(CachedMap.from_probs(p, "fp16"), v, h)
     assert rel_err(out, out64(p, v, h)) < 1e-3
+
+
+def test_a_variant_checked_at_one_launch_shape_is_known_checked_at_the_others(fresh):
+    """Batch is not specialised: a second launch shape of a variant is not checked again, and its launch holds the
+    verdict (the direct launch path takes only launches that know theirs)."""
+    for batch in (1, 2):
+        q, k, v = random_qkv((batch, *SHAPE[1:]), device=DEVICE)
+        launch_capture(*capture_buffers(q, k, v, SHAPE[1], "fp8"), q, k, v, SHAPE[1], 0.25, "fp8")
+    assert len(selfcheck.verdicts()) == 1 and len(launchers._LAUNCHES) == 2
+    assert all(launch.verdict.ok for launch in launchers._LAUNCHES.values())

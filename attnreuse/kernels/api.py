@@ -113,8 +113,7 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
         if compiling or _needs_grad(q, k, v):  # the ops, registered by backend_available's import
             out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
             return out, CachedMap(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
-        out, data, block_max, row_lse = _ops().capture(q, k, v, heads, scale, fmt, key)
-        return out, CachedMap.laid_out(data.view(fmt.dtype), block_max, row_lse, k.shape[1], fmt)
+        return _ops().capture(q, k, v, heads, scale, fmt, key)
     return capture_reference(q, k, v, heads, scale, fmt, mask)
 
 
@@ -132,9 +131,8 @@ def _capture_route(q, k, v, heads, map_format, mask, backend) -> tuple[formats.M
 def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto") -> torch.Tensor:
     """``A · V`` for the cached map ``A``; ``v``: ``[B, Nk, H·D]`` -> ``[B, Nq, H·D]`` in ``v.dtype``."""
     compiling = torch.compiler.is_compiling()
-    data = cmap.data
-    key = None if compiling else ("cached_pv", data.shape, data.dtype, data.device, cmap.kv_tokens, cmap.format,
-                                  v.shape, v.stride(), v.dtype, v.device, heads, backend)
+    key = None if compiling else ("cached_pv", cmap.layout or (cmap.data.shape, cmap.kv_tokens, cmap.format),
+                                  cmap.device, v.shape, v.stride(), v.dtype, v.device, heads, backend)
     triton_path = _ROUTES.get(key) if key is not None else None
     if triton_path is None:
         triton_path = _cached_pv_route(cmap, v, heads, backend)
@@ -142,10 +140,10 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
             _ROUTES[key] = triton_path
     if triton_path:
         fmt = cmap.format
-        data = data.view(fmt.op_dtype)
         if compiling or _needs_grad(v):  # the ops, registered by backend_available's import
-            return torch.ops.attnreuse.cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, fmt.name)
-        return _ops().cached_pv(data, cmap.block_max, cmap.row_lse, v, heads, fmt, key)
+            return torch.ops.attnreuse.cached_pv(cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse, v, heads,
+                                                 fmt.name)
+        return _ops().cached_pv(cmap, v, heads, key)
     return cached_pv_reference(cmap, v, heads)
 
 
@@ -158,8 +156,8 @@ def _cached_pv_route(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str)
         raise ValueError(
             f"cached map of shape {tuple(shape)} cannot multiply values of shape {tuple(v.shape)} "
             f"with {heads} heads: the map belongs to another batch, resolution or layer")
-    if cmap.data.device != v.device:
-        raise ValueError(f"cached map on {cmap.data.device}, values on {v.device}: move one of them")
+    if cmap.device != v.device:
+        raise ValueError(f"cached map on {cmap.device}, values on {v.device}: move one of them")
     return _use_triton(backend, (v,), heads, cmap.format)
 
 

@@ -29,7 +29,7 @@ from triton.runtime import driver
 from . import formats, selfcheck
 from . import triton_kernels as tk
 from .formats import KEY_BLOCK, num_blocks
-from .storage import data_shape
+from .storage import CachedMap, Layout, data_shape
 from .tuning import INTERPRET, Config, block_d, cached_pv_config, capture_config, split_block_d
 
 ALIGN = 16  # bytes
@@ -108,26 +108,30 @@ _OPTIONS = ("num_warps", "num_stages")
 
 @dataclass
 class _Launch:
-    """One launch shape: the kernel, its grid, every argument in the kernel's parameter order with ``None`` where
-    a tensor goes, and (once launched through the JIT) the compiled kernel."""
+    """One launch shape: the kernel, its grid, every argument in the kernel's parameter order (the tensors lead,
+    ``None`` in their place) and, once launched through the JIT, the compiled kernel."""
 
     fn: object  # the @triton.jit function
     grid: tuple[int, int, int]
     args: list
-    tensors: tuple[int, ...]  # positions of the tensor arguments
+    n_tensors: int  # the leading arguments that are tensors
     options: dict  # num_warps, num_stages
     variant: selfcheck.Variant  # with every pointer 16-byte aligned (the launchers' own buffers are)
     block_m: int
     n_values: int  # arguments before the constexprs
     compiled: object = None  # Triton's CompiledKernel, launched directly
     verdict: object = None  # the aligned variant's first-use check, once made
+    ready: bool = False  # compiled and checked right: ``direct`` may launch it
 
     @classmethod
     def make(cls, fn, grid, values: list, meta: dict, variant: selfcheck.Variant) -> "_Launch":
-        """``values``: the non-constexpr arguments in order (tensors as ``None``); ``meta``: constexprs and options."""
+        """``values``: the non-constexpr arguments in order, tensors first as ``None``; ``meta``: constexprs and
+        options."""
+        n_tensors = values.count(None)
+        assert values[:n_tensors] == [None] * n_tensors
         args = values + [meta[name] for name in fn.arg_names[len(values):]]
-        return cls(fn, (*grid, 1), args, tuple(i for i, a in enumerate(values) if a is None),
-                   {k: meta[k] for k in _OPTIONS}, variant, meta["BLOCK_M"], len(values))
+        return cls(fn, (*grid, 1), args, n_tensors, {k: meta[k] for k in _OPTIONS}, variant, meta["BLOCK_M"],
+                   len(values))
 
     def variant_of(self, aligned: bool) -> selfcheck.Variant:
         """The variant a launch runs: Triton compiles another kernel where a pointer is not 16-byte aligned."""
@@ -135,31 +139,35 @@ class _Launch:
 
     def __call__(self, tensors: tuple, aligned: bool) -> None:
         """Launch on ``tensors``; ``aligned``: every pointer 16-byte aligned (:func:`aligned`)."""
-        args = list(self.args)
-        for i, t in zip(self.tensors, tensors):
-            args[i] = t
         if self.compiled is not None and aligned:  # the compiled kernel assumes it, as Triton specialised it
-            _direct(self.compiled, self.grid, args, tensors[0].device)
+            self.direct(tensors, tensors[0].device)
             return
+        args = [*tensors, *self.args[self.n_tensors:]]
         n = self.n_values
         kernel = self.fn[self.grid](*args[:n], **dict(zip(self.fn.arg_names[n:], args[n:])), **self.options)
         if DIRECT_LAUNCH and aligned and tensors[0].is_cuda:
             self.compiled = kernel  # every later call of this shape has the same arguments but the tensors
+            self.ready = self.verdict is not None and self.verdict.ok
+
+    def checked(self, verdict) -> None:
+        self.verdict = verdict
+        self.ready = self.compiled is not None and verdict.ok
+
+    def direct(self, pointers: tuple, device: torch.device) -> None:
+        """What ``JITFunction.run`` does once it has the compiled kernel: launch it on the current stream of
+        ``device`` (made current by the caller). ``pointers``: tensors or their addresses, 16-byte aligned."""
+        kernel, grid = self.compiled, self.grid
+        args = (*pointers, *self.args[self.n_tensors:])
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        stream = driver.active.get_current_stream(device.index)
+        metadata = kernel.launch_metadata(grid, stream, *args) if getattr(enter, "calls", True) else None
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
+                   *args)
 
 
 def aligned(tensors) -> bool:
     """Whether every tensor starts 16-byte aligned (Triton specialises pointers on it)."""
     return all(t.data_ptr() % ALIGN == 0 for t in tensors)
-
-
-def _direct(kernel, grid, args, device: torch.device) -> None:
-    """What ``JITFunction.run`` does once it has the compiled kernel: launch it on the current stream (the launch
-    functions made the tensors' device the current one)."""
-    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    stream = driver.active.get_current_stream(device.index)
-    metadata = kernel.launch_metadata(grid, stream, *args) if getattr(enter, "calls", True) else None
-    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, metadata, enter, leave,
-               *args)
 
 
 def _on_device(device: torch.device):
@@ -209,67 +217,91 @@ def _run_cached_pv(launch: _Launch, tensors: tuple, heads: int, fmt, is_aligned:
 
 
 @dataclass(frozen=True)
-class _Outputs:
-    """How to allocate a launch's outputs: per buffer ``(size, dtype, width)``, ``width`` narrower than the last
-    dim where rows are padded to 16 bytes."""
+class _Eager:
+    """An eager call's input layout: its launch, its output's ``(size, dtype, width)`` (``width`` narrower than the
+    last dim where rows are padded to 16 bytes) and, for a capture, the map's layout."""
 
-    buffers: tuple
+    launch: _Launch
+    out: tuple
+    layout: Layout | None = None
 
-    @classmethod
-    def of(cls, bufs) -> "_Outputs":
-        return cls(tuple((tuple(b.shape[:-1]) + (b.stride(-2) if b.dim() > 1 else b.shape[-1],), b.dtype,
-                          b.shape[-1]) for b in bufs))
-
-    def allocate(self, device) -> tuple:
-        out = []
-        for size, dtype, width in self.buffers:
-            buf = torch.empty(size, dtype=dtype, device=device)
-            out.append(buf if size[-1] == width else buf[..., :width])
-        return tuple(out)
+    def output(self, device) -> torch.Tensor:
+        size, dtype, width = self.out
+        buf = torch.empty(size, dtype=dtype, device=device)
+        return buf if size[-1] == width else buf[..., :width]
 
 
-# Eager calls by input layout: ``(outputs, launch)``, for inputs the kernels read as they are (16-byte rows)
-_EAGER: dict[tuple, tuple] = {}
+def _output_spec(out: torch.Tensor) -> tuple:
+    return (*out.shape[:-1], out.stride(-2)), out.dtype, out.shape[-1]
 
 
-def capture_new(q, k, v, heads: int, scale: float, fmt: formats.MapFormat, key: tuple | None = None) -> tuple:
-    """``(out, data, block_max, row_lse)``: attention and its map, in new buffers (an eager call: after the first
-    call of an input layout, the outputs' sizes and the launch come from a table). ``key``: the layout's, if the
-    caller has one (shapes, strides, dtypes, devices, heads, scale, format)."""
-    key = key or ("capture", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
-                  v.dtype, q.device, k.device, v.device, heads, scale, fmt)
+# Eager calls by input layout (api's key), for inputs the kernels read as they are (16-byte rows)
+_EAGER: dict[tuple, _Eager] = {}
+
+
+def capture_eager(q, k, v, heads: int, scale: float, fmt: formats.MapFormat, key: tuple) -> tuple:
+    """``(out, CachedMap)``: attention and its map, the map in one new buffer (an eager call: after the first call
+    of an input layout, what to allocate and the launch come from a table). ``key``: the layout's (shapes,
+    strides, dtypes, devices, heads, scale, format)."""
     found = _EAGER.get(key)
-    if found is not None and q.data_ptr() % ALIGN == 0 and k.data_ptr() % ALIGN == 0 and v.data_ptr() % ALIGN == 0:
-        outputs, launch = found
-        bufs = outputs.allocate(v.device)
-        with _on_device(v.device):
-            _run_capture(launch, (q, k, v, *bufs), heads, scale, fmt, True)  # fresh buffers are aligned
-        return bufs
-    bufs = capture_buffers(q, k, v, heads, fmt)
-    launch = launch_capture(*bufs, q, k, v, heads, scale, fmt)
+    if found is None or (q.data_ptr() | k.data_ptr() | v.data_ptr()) % ALIGN:
+        return _capture_first(q, k, v, heads, scale, fmt, key)
+    device, layout, launch = v.device, found.layout, found.launch
+    out = found.output(device)
+    buffer = torch.empty(layout.buffer_bytes, dtype=torch.uint8, device=device)
+    cmap = CachedMap.packed(buffer, layout)
+    with _on_device(device):
+        if launch.ready:  # compiled and checked: straight to the kernel, the map's tensors never made
+            base = buffer.data_ptr()
+            launch.direct((q, k, v, out, base, base + layout.offsets[0], base + layout.offsets[1]), device)
+        else:
+            _run_capture(launch, (q, k, v, out, cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse), heads,
+                         scale, fmt, True)  # fresh buffers are aligned
+    return out, cmap
+
+
+def _capture_first(q, k, v, heads, scale, fmt, key) -> tuple:
+    layout = Layout.of(q.shape[0], heads, q.shape[1], k.shape[1], fmt)
+    out = empty_rows(q.shape[0], q.shape[1], v.shape[2], v.dtype, v.device)
+    cmap = CachedMap.packed(torch.empty(layout.buffer_bytes, dtype=torch.uint8, device=v.device), layout)
+    launch = launch_capture(out, cmap.data, cmap.block_max, cmap.row_lse, q, k, v, heads, scale, fmt)
     if all(aligned_rows(x) is x for x in (q, k, v)):
-        _EAGER[key] = (_Outputs.of(bufs), launch)
+        _EAGER[key] = _Eager(launch, _output_spec(out), layout)
+    return out, cmap
+
+
+def capture_new(q, k, v, heads: int, scale: float, fmt: formats.MapFormat) -> tuple:
+    """``(out, data, block_max, row_lse)`` in new buffers of their own (the custom op's: its outputs may not share
+    one)."""
+    bufs = capture_buffers(q, k, v, heads, fmt)
+    launch_capture(*bufs, q, k, v, heads, scale, fmt)
     return bufs
 
 
-def cached_pv_new(data, block_max, row_lse, v, heads: int, fmt: formats.MapFormat,
-                  key: tuple | None = None) -> torch.Tensor:
-    """A cached map times ``v`` in a new buffer (an eager call; as :func:`capture_new`)."""
-    key = key or ("cached_pv", data.shape, data.dtype, data.device, v.shape, v.stride(), v.dtype, v.device, heads,
-                  fmt)
+def cached_pv_eager(cmap: CachedMap, v: torch.Tensor, heads: int, key: tuple) -> torch.Tensor:
+    """A cached map times ``v`` in a new buffer (an eager call; as :func:`capture_eager`)."""
     found = _EAGER.get(key)
-    tensors_aligned = (data.data_ptr() % ALIGN == 0 and block_max.data_ptr() % ALIGN == 0
-                       and row_lse.data_ptr() % ALIGN == 0 and v.data_ptr() % ALIGN == 0)
-    if found is not None and tensors_aligned and data.dtype == fmt.op_dtype:
-        outputs, launch = found
-        (out,) = outputs.allocate(v.device)
-        with _on_device(v.device):
-            _run_cached_pv(launch, (data, block_max, row_lse, v, out), heads, fmt, True)
+    if found is not None and found.launch.ready and cmap.buffer is not None and not (
+            cmap.buffer.data_ptr() | v.data_ptr()) % ALIGN:
+        device = v.device
+        out = found.output(device)
+        base, (bm, lse) = cmap.buffer.data_ptr(), cmap.layout.offsets
+        with _on_device(device):
+            found.launch.direct((base, base + bm, base + lse, v, out), device)
         return out
+    fmt = cmap.format
+    data, block_max, row_lse = cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse
     out = empty_rows(v.shape[0], data.shape[2], v.shape[2], v.dtype, v.device)
     launch = launch_cached_pv(out, data, block_max, row_lse, v, heads, fmt)
-    if aligned_rows(v) is v and block_max.is_contiguous() and row_lse.is_contiguous():
-        _EAGER[key] = (_Outputs.of((out,)), launch)
+    if found is None and aligned_rows(v) is v and aligned((data, block_max, row_lse)):
+        _EAGER[key] = _Eager(launch, _output_spec(out))
+    return out
+
+
+def cached_pv_new(data, block_max, row_lse, v, heads: int, fmt: formats.MapFormat) -> torch.Tensor:
+    """A cached map (its three tensors) times ``v`` in a new buffer (the custom op's)."""
+    out = empty_rows(v.shape[0], data.shape[2], v.shape[2], v.dtype, v.device)
+    launch_cached_pv(out, data, block_max, row_lse, v, heads, fmt)
     return out
 
 
@@ -344,7 +376,6 @@ def _cached_pv_reference(out, data, block_max, row_lse, v, heads, fmt) -> None:
     """The PyTorch path into the kernel's output buffer (a variant that failed its check), a batch entry, head and
     block of rows at a time: a whole map dequantised at once would not fit where maps are largest."""
     from .reference import cached_pv_reference
-    from .storage import CachedMap
     d, nk = v.shape[2] // heads, v.shape[1]
     for b, h, rows in _pieces(data.shape[0], heads, data.shape[2], nk):
         cmap = CachedMap(data[b:b + 1, h:h + 1, rows].view(fmt.dtype), block_max[b:b + 1, h:h + 1, :, rows].contiguous(),

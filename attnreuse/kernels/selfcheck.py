@@ -16,6 +16,7 @@ PyTorch path in that graph, with a warning to run one eager call (or ``python -m
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -71,7 +72,7 @@ class Verdict:
     seconds: float  # the check's own cost (kernel excluded)
     device: str
 
-    @property
+    @functools.cached_property  # read at every launch
     def ok(self) -> bool:
         return all(err <= allowed for err, allowed in self.errors.values())  # False for NaN
 
@@ -104,7 +105,9 @@ def run(launch, tensors: tuple, aligned: bool, check: Callable[[], dict | None],
         return
     variant = launch.variant_of(aligned)
     verdict = _VERDICTS.get(variant)
-    if verdict is not None:
+    if verdict is not None:  # checked at another launch shape
+        if aligned:
+            launch.checked(verdict)
         launch(tensors, aligned) if verdict.ok else reference()
         return
     device = tensors[0].device
@@ -130,7 +133,7 @@ def run(launch, tensors: tuple, aligned: bool, check: Callable[[], dict | None],
     with _LOCK:
         verdict = _VERDICTS.setdefault(variant, verdict)
     if aligned:
-        launch.verdict = verdict
+        launch.checked(verdict)
     if not verdict.ok:
         _warn_once(variant, f"attnreuse: the Triton kernel {variant} failed its check on {verdict.device} with Triton "
                    f"{_triton_version()} ({verdict}, against the PyTorch reference); this call and every later one "

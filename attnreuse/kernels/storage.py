@@ -27,6 +27,7 @@ scale per 128 keys keeps long diffuse rows as accurate as fp16 scaling would (se
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,42 @@ def storage_nbytes(batch: int, heads: int, q_tokens: int, kv_tokens: int, fmt) -
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where a map's three tensors lie in one byte buffer: ``data``, then ``block_max`` and ``row_lse``, each
+    starting 16-byte aligned. An eager capture allocates one buffer (an allocation is host time an eager UNet
+    pays per layer) and the tensors exist only when something reads them."""
+
+    shape: tuple[int, int, int, int]  # [B, H, Nq, Nk]
+    format: MapFormat
+    offsets: tuple[int, int]  # bytes: block_max's, row_lse's
+    buffer_bytes: int
+    nbytes: int  # the three tensors' (what storage_nbytes counts)
+
+    @staticmethod
+    @functools.cache
+    def of(batch: int, heads: int, q_tokens: int, kv_tokens: int, fmt: MapFormat) -> "Layout":
+        rows = batch * heads * q_tokens
+        stats = fmt.stats_dtype.itemsize
+        data = rows * fmt.row_items(kv_tokens) * fmt.dtype.itemsize  # rows are whole 16-byte units
+        lse = _align(data + rows * num_blocks(kv_tokens) * stats)
+        return Layout((batch, heads, q_tokens, kv_tokens), fmt, (data, lse), _align(lse + rows * stats),
+                      fmt.nbytes(batch, heads, q_tokens, kv_tokens))
+
+    def views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(data, block_max, row_lse)`` in ``buffer`` (uint8, ``buffer_bytes`` long)."""
+        b, h, nq, nk = self.shape
+        fmt, (bm, lse) = self.format, self.offsets
+        sd = fmt.stats_dtype
+        return (buffer[:bm].view(fmt.dtype).view(b, h, nq, fmt.row_items(nk)),
+                buffer[bm:bm + b * h * num_blocks(nk) * nq * sd.itemsize].view(sd).view(b, h, num_blocks(nk), nq),
+                buffer[lse:lse + b * h * nq * sd.itemsize].view(sd).view(b, h, nq))
+
+
+def _align(nbytes: int, to: int = 16) -> int:
+    return -(-nbytes // to) * to
+
+
+@dataclass(frozen=True)
 class CachedMap:
     """An attention map in storage format (see the module docstring)."""
 
@@ -54,6 +91,9 @@ class CachedMap:
     row_lse: torch.Tensor  # [batch, heads, q_tokens], log2 domain
     kv_tokens: int  # Nk: the row's keys (data rows are padded beyond them)
     format: MapFormat = None  # None: the format registered for data.dtype
+    # A map in one buffer (:meth:`packed`): the buffer and its layout; the three tensors made at first read
+    buffer = None
+    layout = None
 
     def __post_init__(self):
         fmt = formats.get(self.data.dtype if self.format is None else self.format)
@@ -75,25 +115,48 @@ class CachedMap:
                                  f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
     @classmethod
-    def laid_out(cls, data, block_max, row_lse, kv_tokens: int, fmt: MapFormat) -> "CachedMap":
-        """A map the kernels just wrote into buffers laid out for it: right by construction, so not checked again
-        (a capture's host time counts in an eager UNet)."""
+    def packed(cls, buffer: torch.Tensor, layout: Layout) -> "CachedMap":
+        """A map the kernels just wrote into ``buffer`` as ``layout`` places it: right by construction, so not
+        checked again (a capture's host time counts in an eager UNet)."""
         cmap = object.__new__(cls)
-        cmap.__dict__.update(data=data, block_max=block_max, row_lse=row_lse, kv_tokens=kv_tokens, format=fmt)
+        cmap.__dict__.update(buffer=buffer, layout=layout, kv_tokens=layout.shape[3], format=layout.format)
         return cmap
+
+    def __getstate__(self) -> dict:  # a packed map saves its buffer alone (torch.save refuses views of other dtypes)
+        state = dict(self.__dict__)
+        if self.layout is not None:
+            for name in ("data", "block_max", "row_lse"):
+                state.pop(name, None)
+        return state
+
+    def __getattr__(self, name: str):  # only reached for what the instance lacks: a packed map's tensors
+        layout = self.__dict__.get("layout")
+        if layout is None or name not in ("data", "block_max", "row_lse"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        data, block_max, row_lse = layout.views(self.buffer)
+        self.__dict__.update(data=data, block_max=block_max, row_lse=row_lse)
+        return self.__dict__[name]
 
     @property
     def shape(self) -> torch.Size:
         """The map's shape ``[B, H, Nq, Nk]``."""
+        if self.layout is not None:
+            return torch.Size(self.layout.shape)
         return torch.Size((*self.data.shape[:3], self.kv_tokens))
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of ``data`` (``FP8``, ``FP4``, ...); ``format`` says how it is encoded."""
-        return self.data.dtype
+        return self.format.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return (self.data if self.buffer is None else self.buffer).device
 
     @property
     def nbytes(self) -> int:
+        if self.layout is not None:
+            return self.layout.nbytes
         return self.data.nbytes + self.block_max.nbytes + self.row_lse.nbytes
 
     def factors(self) -> torch.Tensor:
