@@ -279,3 +279,25 @@ def test_unsupported_layers_rejected_before_anything_changes():
     attention_layers(unet)[name].set_processor(Custom())  # subclasses of supported processors are fine
     with attnreuse.patch(unet, "10"):
         sample(unet, steps=2)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "fp8"])
+def test_a_unet_on_the_kernel_path_matches_the_pytorch_path(monkeypatch, fmt):
+    """The patched UNet's attention through the Triton kernels (Triton's interpreter on the CPU, fp32 activations let
+    in for it) samples what the PyTorch path samples, within the map format's rounding; each map is one buffer."""
+    from attnreuse.kernels import api, launchers
+    monkeypatch.setattr(api, "KERNEL_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setitem(api.VALUE_DTYPES, "fp32", torch.float32)
+    monkeypatch.setattr(api, "backend_available", lambda: True)
+    monkeypatch.setattr(api, "_ROUTES", {})
+    monkeypatch.setattr(launchers, "_EAGER", {})
+    unet = make_unet("sd15")
+    outs, maps = {}, []
+    for backend in ("torch", "auto"):
+        with attnreuse.patch(unet, "110101", cache_dtype=fmt, backend=backend) as handle:
+            hook = unet.register_forward_pre_hook(lambda *a: maps.extend(handle.current.cache.maps.values()))
+            outs[backend] = sample(unet, steps=6)
+            hook.remove()
+    assert len(launchers._EAGER) > 0 and all(m.layout is not None for m in maps[len(maps) // 2:])  # the kernels'
+    err = ((outs["auto"] - outs["torch"]).norm() / outs["torch"].norm()).item()
+    assert err < {"fp16": 1e-2, "fp8": 5e-2}[fmt]  # (fp32 activations run fp16 dots); reusing itself moves it 0.59
