@@ -12,8 +12,9 @@ the ragged one. A case runs through the public API of the tree under test (``att
 ``cached_pv`` with ``backend="triton"``), so the landed tree and this one run side by side
 (``--tree .baseline --tree .``); with ``CUDA_LAUNCH_BLOCKING=1``. It measures, against float64 attention on the
 first 256 and the last 128 query rows of every head: the capture's output; ``cached_pv`` over the capture's own
-map with fresh values (the map as stored); and ``cached_pv`` over a map the PyTorch path encoded (the reuse
-kernel alone). A tree with first-use checks (:mod:`attnreuse.kernels.selfcheck`) runs its kernels raw here, the
+map with fresh values (the map as stored); ``cached_pv`` over a map the PyTorch path encoded (the reuse
+kernel alone); and a second capture and its map's ``cached_pv``, which (in a tree that has it) take the direct
+launch path a checked, compiled launch shape takes: the map passed as addresses into its one buffer. A tree with first-use checks (:mod:`attnreuse.kernels.selfcheck`) runs its kernels raw here, the
 check only reporting whether it would have caught the variant. A case is clean (finite, within the format's
 bound), wrong, crashed (the process died: an illegal address, a timeout) or failed (a Python error, e.g. a
 compile error). ``--smoke`` runs the script itself on a CPU, the kernels in Triton's interpreter.
@@ -102,6 +103,8 @@ def run_case(name: str, shape: tuple, fmt: str, dtype: str, tree: Path, smoke: b
             launch(tensors, aligned)
             errors = check() or {}
             checks.append({"variant": str(launch.variant), "caught": not all(e <= a for e, a in errors.values())})
+            if hasattr(launch, "ready"):  # later calls of the shape launch it directly, on addresses, as checked ones do
+                launch.ready = launch.compiled is not None
         selfcheck.run = raw
     b, h, nq, nk, d = shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -131,11 +134,20 @@ def run_case(name: str, shape: tuple, fmt: str, dtype: str, tree: Path, smoke: b
         ref_map = kernels.CachedMap.from_probs(probs, fmt)
         result["cached_pv_err"] = err(kernels.cached_pv(ref_map, v2, h, backend=backend), merge(probs @ split(v2)))
         sync()
+        stage = "capture again (a direct launch)"
+        out, cmap = kernels.capture(q, k, v, h, d ** -0.5, fmt, backend=backend)
+        sync()
+        result["capture_again_err"] = err(out[:, rows], merge(probs @ split(v)))
+        stage = "cached_pv of that map (a direct launch)"
+        result["captured_map_again_err"] = err(kernels.cached_pv(cmap, v2, h, backend=backend)[:, rows],
+                                               merge(probs @ split(v2)))
+        sync()
     except Exception as e:  # noqa: BLE001 (an exception is this case's finding)
         result.update(failed=f"{stage}: {type(e).__name__}: {e}".replace("\n", " ")[:300])
     bound = BOUND[fmt]
     wrong = [key for key, limit in (("capture_err", OUTPUT_BOUND), ("captured_map_err", bound),
-                                    ("cached_pv_err", bound))
+                                    ("cached_pv_err", bound), ("capture_again_err", OUTPUT_BOUND),
+                                    ("captured_map_again_err", bound))
              if key in result and not result[key] <= limit]
     result["status"] = "failed" if "failed" in result else "wrong" if wrong else "clean"
     result["wrong"] = wrong

@@ -29,6 +29,7 @@ def test_correctness_matrix_runs_each_case_in_its_own_process(tmp_path):
     for r in results:
         assert r["status"] == "clean" and r["selfcheck_caught"] == []  # the kernels ran raw, and were right
         assert 0 < r["capture_err"] < 2e-2 and 0 < r["cached_pv_err"] < 0.25
+        assert r["capture_again_err"] == r["capture_err"] and 0 < r["captured_map_again_err"] < 0.25
 
 
 @pytest.mark.parametrize("how", [(), ("--direct",)])
