@@ -32,7 +32,7 @@ def test_correctness_matrix_runs_each_case_in_its_own_process(tmp_path):
         assert r["capture_again_err"] == r["capture_err"] and 0 < r["captured_map_again_err"] < 0.25
 
 
-@pytest.mark.parametrize("how", [(), ("--direct",)])
+@pytest.mark.parametrize("how", [(), ("--direct",), ("--sdpa", "real")])
 def test_host_overhead_benchmark_runs(how):
     printed = run("bench/host_overhead.py", "--calls", "20", *how)
     lines = [line for line in printed.splitlines() if "µs per call" in line]
