@@ -105,10 +105,10 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
         k.device, v.device, heads, scale, map_format, backend)
     route = _ROUTES.get(key) if key is not None else None
     if route is None:
-        route = _capture_route(q, k, v, heads, map_format, mask, backend)
+        route = (*_capture_route(q, k, v, heads, map_format, mask, backend), key)
         if key is not None:
             _ROUTES[key] = route
-    fmt, triton_path = route
+    fmt, triton_path, key = route  # the stored key: the launchers' table finds it by identity
     if triton_path:
         if compiling or _needs_grad(q, k, v):  # the ops, registered by backend_available's import
             out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
@@ -133,11 +133,12 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
     compiling = torch.compiler.is_compiling()
     key = None if compiling else ("cached_pv", cmap.layout or (cmap.data.shape, cmap.kv_tokens, cmap.format),
                                   cmap.device, v.shape, v.stride(), v.dtype, v.device, heads, backend)
-    triton_path = _ROUTES.get(key) if key is not None else None
-    if triton_path is None:
-        triton_path = _cached_pv_route(cmap, v, heads, backend)
+    route = _ROUTES.get(key) if key is not None else None
+    if route is None:
+        route = (_cached_pv_route(cmap, v, heads, backend), key)
         if key is not None:
-            _ROUTES[key] = triton_path
+            _ROUTES[key] = route
+    triton_path, key = route
     if triton_path:
         fmt = cmap.format
         if compiling or _needs_grad(v):  # the ops, registered by backend_available's import
@@ -161,6 +162,6 @@ def _cached_pv_route(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str)
     return _use_triton(backend, (v,), heads, cmap.format)
 
 
-# Each input layout's checks, made once (eager calls): the route they gave (shape errors raise, never cached). The
-# key also names the layout's launch in the launchers' table.
+# Each input layout's checks, made once (eager calls): the route they gave and the key itself (shape errors raise,
+# never cached). The key also names the layout's launch in the launchers' table.
 _ROUTES: dict[tuple, object] = {}

@@ -122,6 +122,7 @@ class _Launch:
     compiled: object = None  # Triton's CompiledKernel, launched directly
     verdict: object = None  # the aligned variant's first-use check, once made
     ready: bool = False  # compiled and checked right: ``direct`` may launch it
+    tail: tuple = ()  # the arguments after the tensors
 
     @classmethod
     def make(cls, fn, grid, values: list, meta: dict, variant: selfcheck.Variant) -> "_Launch":
@@ -131,7 +132,7 @@ class _Launch:
         assert values[:n_tensors] == [None] * n_tensors
         args = values + [meta[name] for name in fn.arg_names[len(values):]]
         return cls(fn, (*grid, 1), args, n_tensors, {k: meta[k] for k in _OPTIONS}, variant, meta["BLOCK_M"],
-                   len(values))
+                   len(values), tail=tuple(args[n_tensors:]))
 
     def variant_of(self, aligned: bool) -> selfcheck.Variant:
         """The variant a launch runs: Triton compiles another kernel where a pointer is not 16-byte aligned."""
@@ -142,7 +143,7 @@ class _Launch:
         if self.compiled is not None and aligned:  # the compiled kernel assumes it, as Triton specialised it
             self.direct(tensors, tensors[0].device)
             return
-        args = [*tensors, *self.args[self.n_tensors:]]
+        args = [*tensors, *self.tail]
         n = self.n_values
         kernel = self.fn[self.grid](*args[:n], **dict(zip(self.fn.arg_names[n:], args[n:])), **self.options)
         if DIRECT_LAUNCH and aligned and tensors[0].is_cuda:
@@ -154,10 +155,13 @@ class _Launch:
         self.ready = self.compiled is not None and verdict.ok
 
     def direct(self, pointers: tuple, device: torch.device) -> None:
-        """What ``JITFunction.run`` does once it has the compiled kernel: launch it on the current stream of
-        ``device`` (made current by the caller). ``pointers``: tensors or their addresses, 16-byte aligned."""
+        """What ``JITFunction.run`` does once it has the compiled kernel: launch it on ``device``'s current stream,
+        ``device`` made current where it is not. ``pointers``: tensors or their addresses, 16-byte aligned."""
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return self.direct(pointers, device)
         kernel, grid = self.compiled, self.grid
-        args = (*pointers, *self.args[self.n_tensors:])
+        args = (*pointers, *self.tail)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         stream = driver.active.get_current_stream(device.index)
         metadata = kernel.launch_metadata(grid, stream, *args) if getattr(enter, "calls", True) else None
@@ -250,13 +254,13 @@ def capture_eager(q, k, v, heads: int, scale: float, fmt: formats.MapFormat, key
     out = found.output(device)
     buffer = torch.empty(layout.buffer_bytes, dtype=torch.uint8, device=device)
     cmap = CachedMap.packed(buffer, layout)
+    if launch.ready:  # compiled and checked: straight to the kernel, the map's tensors never made
+        base = buffer.data_ptr()
+        launch.direct((q, k, v, out, base, base + layout.offsets[0], base + layout.offsets[1]), device)
+        return out, cmap
     with _on_device(device):
-        if launch.ready:  # compiled and checked: straight to the kernel, the map's tensors never made
-            base = buffer.data_ptr()
-            launch.direct((q, k, v, out, base, base + layout.offsets[0], base + layout.offsets[1]), device)
-        else:
-            _run_capture(launch, (q, k, v, out, cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse), heads,
-                         scale, fmt, True)  # fresh buffers are aligned
+        _run_capture(launch, (q, k, v, out, cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse), heads, scale,
+                     fmt, True)  # fresh buffers are aligned
     return out, cmap
 
 
@@ -286,8 +290,7 @@ def cached_pv_eager(cmap: CachedMap, v: torch.Tensor, heads: int, key: tuple) ->
         device = v.device
         out = found.output(device)
         base, (bm, lse) = cmap.buffer.data_ptr(), cmap.layout.offsets
-        with _on_device(device):
-            found.launch.direct((base, base + bm, base + lse, v, out), device)
+        found.launch.direct((base, base + bm, base + lse, v, out), device)
         return out
     fmt = cmap.format
     data, block_max, row_lse = cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse
