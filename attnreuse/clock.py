@@ -55,6 +55,7 @@ class Generation:
         self.call = 0  # index of the running UNet call within its step
         self.calls = 0  # UNet calls entered in this step
         self.captured_calls = 0  # UNet calls of the last capture step
+        self.captured_shapes: dict[int, tuple] = {}  # sample shape of each UNet call of the last capture step
         self.step_calls = 0  # UNet calls of the previous step
         self.held = False
         self.ended = False
@@ -148,6 +149,17 @@ class Generation:
                 "capture step's k-th call: call the UNet the same number of times per step (CFG batched or "
                 "separate, the same scheduler evaluations)")
 
+    def check_sample(self, shape: tuple) -> None:
+        """Keep the sample shape of each capture call, and refuse a reuse call whose differs: the processors see
+        only token counts, which a transposed resolution keeps (eager calls; a compiled graph is per shape)."""
+        if self.kind is Action.CAPTURE:
+            self.captured_shapes[self.call] = shape
+        elif self.kind is Action.REUSE and self.captured_shapes.get(self.call, shape) != shape:
+            raise RuntimeError(
+                f"attnreuse: a reuse step's UNet call {self.call} has a sample of shape {shape}, but the maps it would "
+                f"reuse were captured from one of shape {self.captured_shapes[self.call]}: keep one batch size and "
+                "resolution within a generation")
+
     def __repr__(self) -> str:
         return (f"Generation(schedule={to_string(self.schedule)}, step={self.step_index}, "
                 f"kind={None if self.kind is None else self.kind.value}, call={self.call})")
@@ -218,8 +230,10 @@ class Clock:
         """The generation a UNet call belongs to, its call index set (the UNet's pre-hook)."""
         gen = self._local.generation
         if gen is None or gen.guessed:
-            return self.guess(sample, timestep)
+            return self.guess(sample, timestep)  # a new sample shape starts a new guessed generation
         gen.enter_call()
+        if not torch.compiler.is_compiling():
+            gen.check_sample(tuple(sample.shape))
         return gen
 
     def after_call(self) -> None:

@@ -301,3 +301,21 @@ def test_a_unet_on_the_kernel_path_matches_the_pytorch_path(monkeypatch, fmt):
     assert len(launchers._EAGER) > 0 and all(m.layout is not None for m in maps[len(maps) // 2:])  # the kernels'
     err = ((outs["auto"] - outs["torch"]).norm() / outs["torch"].norm()).item()
     assert err < {"fp16": 1e-2, "fp8": 5e-2}[fmt]  # (fp32 activations run fp16 dots); reusing itself moves it 0.59
+
+
+def test_a_reuse_step_at_another_resolution_with_the_same_token_count_is_refused():
+    """8x16 latents captured, 16x8 reused: every attention layer sees the same token counts, yet the maps belong to
+    another raster; a clear error, not a silently wrong image."""
+    unet = make_unet("sd15")
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(1, 7, unet.config.cross_attention_dim, generator=g)
+    wide = torch.randn(1, 4, 8, 16, generator=g)
+    with attnreuse.patch(unet, "100", cache_dtype="fp16") as handle, torch.no_grad():
+        with handle.generation(3) as gen:
+            gen.step(0)
+            unet(wide, 900, encoder_hidden_states=context)
+            gen.step(1)
+            unet(wide, 800, encoder_hidden_states=context)  # the same shape reuses
+            gen.step(2)
+            with pytest.raises(RuntimeError, match=r"shape \(1, 4, 16, 8\).*captured from one of shape \(1, 4, 8, 16\)"):
+                unet(wide.transpose(2, 3).contiguous(), 700, encoder_hidden_states=context)
