@@ -151,7 +151,7 @@ class Generation:
 
     def check_sample(self, shape: tuple) -> None:
         """Keep the sample shape of each capture call, and refuse a reuse call whose differs: the processors see
-        only token counts, which a transposed resolution keeps (eager calls; a compiled graph is per shape)."""
+        only token counts, which a transposed resolution keeps (eager calls: not traced into compiled graphs)."""
         if self.kind is Action.CAPTURE:
             self.captured_shapes[self.call] = shape
         elif self.kind is Action.REUSE and self.captured_shapes.get(self.call, shape) != shape:
