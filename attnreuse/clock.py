@@ -30,7 +30,7 @@ import weakref
 import torch
 
 from .cache import MapCache
-from .schedule import Action, FixedSchedule, Schedule, actions, step_counts, to_string
+from .schedule import Action, FixedSchedule, Schedule, actions, check_num_steps, step_counts, to_string
 
 
 class Generation:
@@ -194,8 +194,7 @@ class Clock:
 
     def begin(self, num_steps: int) -> Generation:
         """Start a marked generation of ``num_steps`` steps on this thread (resolving the schedule now)."""
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}: pass the number of sampling steps, an int >= 1")
+        check_num_steps(num_steps)
         if self.on_begin is not None:
             self.on_begin()
         gen = Generation(self, self.schedule.resolve(num_steps))

@@ -15,7 +15,7 @@ from .planner import LayerPlan
 from .plans import PlanKey, Plans
 from .processor import MapReuseProcessor, OutputReuseProcessor, check_supported
 from .progress_clock import ProgressClock
-from .schedule import ScheduleLike, actions, step_counts
+from .schedule import ScheduleLike, actions, check_num_steps, step_counts
 
 _HANDLE_ATTR = "_attnreuse_handle"
 
@@ -221,8 +221,7 @@ class ReuseHandle:
             raise TypeError("prepare(sample, encoder_hidden_states, num_steps): encoder_hidden_states must be "
                             "[batch, tokens, width] (or None for a model without text), not "
                             f"{tuple(getattr(encoder_hidden_states, 'shape', ()))}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}: pass the number of sampling steps, an int >= 1")
+        check_num_steps(num_steps)
         if self.plans is None or not self.plans.planning(sample.device):
             return None
         steps = step_counts(actions(self.config.schedule.resolve(num_steps)))

@@ -137,6 +137,11 @@ def hurry(steps: int, reuse: int) -> tuple[int, ...]:
     return (1,) * (steps - reuse) + (0,) * reuse
 
 
+def check_num_steps(num_steps) -> None:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: pass the number of sampling steps, an int >= 1")
+
+
 def actions(schedule: Sequence[int]) -> tuple[Action, ...]:
     """The action of every step of a validated schedule."""
     out = []

@@ -103,12 +103,7 @@ def capture(q, k, v, heads: int, scale: float, map_format, mask=None, backend: s
     key = None if compiling or mask is not None else (
         "capture", q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
         k.device, v.device, heads, scale, map_format, backend)
-    route = _ROUTES.get(key) if key is not None else None
-    if route is None:
-        route = (*_capture_route(q, k, v, heads, map_format, mask, backend), key)
-        if key is not None:
-            _ROUTES[key] = route
-    fmt, triton_path, key = route  # the stored key: the launchers' table finds it by identity
+    fmt, triton_path, key = _route(key, _capture_route, q, k, v, heads, map_format, mask, backend)
     if triton_path:
         if compiling or _needs_grad(q, k, v):  # the ops, registered by backend_available's import
             out, data, block_max, row_lse = torch.ops.attnreuse.capture(q, k, v, heads, float(scale), fmt.name)
@@ -133,12 +128,7 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
     compiling = torch.compiler.is_compiling()
     key = None if compiling else ("cached_pv", cmap.layout or (cmap.data.shape, cmap.kv_tokens, cmap.format),
                                   cmap.device, v.shape, v.stride(), v.dtype, v.device, heads, backend)
-    route = _ROUTES.get(key) if key is not None else None
-    if route is None:
-        route = (_cached_pv_route(cmap, v, heads, backend), key)
-        if key is not None:
-            _ROUTES[key] = route
-    triton_path, key = route
+    triton_path, key = _route(key, _cached_pv_route, cmap, v, heads, backend)
     if triton_path:
         fmt = cmap.format
         if compiling or _needs_grad(v):  # the ops, registered by backend_available's import
@@ -148,8 +138,8 @@ def cached_pv(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str = "auto
     return cached_pv_reference(cmap, v, heads)
 
 
-def _cached_pv_route(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str) -> bool:
-    """Every check of a reuse's inputs: whether the kernels run."""
+def _cached_pv_route(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str) -> tuple[bool]:
+    """Every check of a reuse's inputs: ``(whether the kernels run,)``."""
     _check_heads(v, heads, "v")
     b, nk, _ = v.shape
     shape = cmap.shape
@@ -159,9 +149,20 @@ def _cached_pv_route(cmap: CachedMap, v: torch.Tensor, heads: int, backend: str)
             f"with {heads} heads: the map belongs to another batch, resolution or layer")
     if cmap.device != v.device:
         raise ValueError(f"cached map on {cmap.device}, values on {v.device}: move one of them")
-    return _use_triton(backend, (v,), heads, cmap.format)
+    return (_use_triton(backend, (v,), heads, cmap.format),)
 
 
 # Each input layout's checks, made once (eager calls): the route they gave and the key itself (shape errors raise,
 # never cached). The key also names the layout's launch in the launchers' table.
-_ROUTES: dict[tuple, object] = {}
+_ROUTES: dict[tuple, tuple] = {}
+
+
+def _route(key: tuple | None, checks, *inputs) -> tuple:
+    """``checks(*inputs)`` followed by the stored key (the launchers' table then finds it by identity), made once
+    per key; ``key`` None (compiling, a mask): every time."""
+    route = _ROUTES.get(key) if key is not None else None
+    if route is None:
+        route = (*checks(*inputs), key)
+        if key is not None:
+            _ROUTES[key] = route
+    return route

@@ -222,21 +222,15 @@ def _run_cached_pv(launch: _Launch, tensors: tuple, heads: int, fmt, is_aligned:
 
 @dataclass(frozen=True)
 class _Eager:
-    """An eager call's input layout: its launch, its output's ``(size, dtype, width)`` (``width`` narrower than the
-    last dim where rows are padded to 16 bytes) and, for a capture, the map's layout."""
+    """An eager call's input layout: its launch, its output's ``empty_rows`` arguments and, for a capture, the
+    map's layout."""
 
     launch: _Launch
-    out: tuple
+    out: tuple  # batch, tokens, width, dtype
     layout: Layout | None = None
 
     def output(self, device) -> torch.Tensor:
-        size, dtype, width = self.out
-        buf = torch.empty(size, dtype=dtype, device=device)
-        return buf if size[-1] == width else buf[..., :width]
-
-
-def _output_spec(out: torch.Tensor) -> tuple:
-    return (*out.shape[:-1], out.stride(-2)), out.dtype, out.shape[-1]
+        return empty_rows(*self.out, device=device)
 
 
 # Eager calls by input layout (api's key), for inputs the kernels read as they are (16-byte rows)
@@ -266,11 +260,12 @@ def capture_eager(q, k, v, heads: int, scale: float, fmt: formats.MapFormat, key
 
 def _capture_first(q, k, v, heads, scale, fmt, key) -> tuple:
     layout = Layout.of(q.shape[0], heads, q.shape[1], k.shape[1], fmt)
-    out = empty_rows(q.shape[0], q.shape[1], v.shape[2], v.dtype, v.device)
+    out_args = (q.shape[0], q.shape[1], v.shape[2], v.dtype)
+    out = empty_rows(*out_args, device=v.device)
     cmap = CachedMap.packed(torch.empty(layout.buffer_bytes, dtype=torch.uint8, device=v.device), layout)
     launch = launch_capture(out, cmap.data, cmap.block_max, cmap.row_lse, q, k, v, heads, scale, fmt)
     if all(aligned_rows(x) is x for x in (q, k, v)):
-        _EAGER[key] = _Eager(launch, _output_spec(out), layout)
+        _EAGER[key] = _Eager(launch, out_args, layout)
     return out, cmap
 
 
@@ -293,11 +288,11 @@ def cached_pv_eager(cmap: CachedMap, v: torch.Tensor, heads: int, key: tuple) ->
         found.launch.direct((base, base + bm, base + lse, v, out), device)
         return out
     fmt = cmap.format
-    data, block_max, row_lse = cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse
-    out = empty_rows(v.shape[0], data.shape[2], v.shape[2], v.dtype, v.device)
-    launch = launch_cached_pv(out, data, block_max, row_lse, v, heads, fmt)
-    if found is None and aligned_rows(v) is v and aligned((data, block_max, row_lse)):
-        _EAGER[key] = _Eager(launch, _output_spec(out))
+    out_args = (v.shape[0], cmap.shape[2], v.shape[2], v.dtype)
+    out = empty_rows(*out_args, device=v.device)
+    launch = launch_cached_pv(out, cmap.data.view(fmt.op_dtype), cmap.block_max, cmap.row_lse, v, heads, fmt)
+    if found is None and cmap.buffer is not None and aligned_rows(v) is v:  # only a packed map launches directly
+        _EAGER[key] = _Eager(launch, out_args)
     return out
 
 
